@@ -1,0 +1,1 @@
+"""The project's own SMTP backends: a sink that stores what it gets, and a relay to a next hop."""

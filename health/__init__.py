@@ -1,0 +1,1 @@
+"""Health checking of backends: active SMTP checks, the load-average agent, the monitor."""

@@ -1,0 +1,206 @@
+"""Helpers the tests share: start real processes (sinks, vipd) on free ports, and clean them up.
+
+Every process is started with its output in a file (never a pipe nobody reads), its port taken from
+what it prints after binding port 0, and stopped by PID at the end of the test, also on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.sink import StoredMessage, read_store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def start(name: str, args: list[str], log: Path, env: dict | None = None) -> Proc:
+    fh = open(log, "wb")
+    popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    fh.close()
+    return Proc(name, popen, log)
+
+
+@dataclass
+class Sink:
+    proc: Proc
+    store: Path
+    port: int
+    name: str
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def messages(self) -> list[StoredMessage]:
+        return read_store(self.store)
+
+
+@dataclass
+class Vipd:
+    proc: Proc
+    config: Path
+    ports: dict[str, list[int]] = field(default_factory=dict)
+    admin_port: int | None = None
+
+    def port(self, vip: str = "mx") -> int:
+        return self.ports[vip][0]
+
+    def smtp(self, vip: str = "mx", **kw) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port(vip), local_hostname="client.test", timeout=30, **kw)
+
+    def log(self) -> str:
+        return self.proc.text()
+
+
+class Lab:
+    """Starts sinks and vipd for one test, and stops them all afterwards."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def sink(self, name: str, *extra: str) -> Sink:
+        store = self.tmp / name
+        log = self.tmp / f"{name}.log"
+        proc = start(name, [PYTHON, "-m", "backends.sink", "--listen", "127.0.0.1:0", "--store", str(store),
+                            "--name", name, *extra], log)
+        self.procs.append(proc)
+        match = wait_for(lambda: proc_check(proc) and re.search(r"listening on [\d.]+:(\d+)", proc.text()),
+                         what=f"sink {name} to listen")
+        return Sink(proc, store, int(match.group(1)), name)
+
+    def restart_sink(self, sink: Sink, *extra: str) -> Sink:
+        """Start a sink again on the same port and store."""
+        log = self.tmp / f"{sink.name}.restart.log"
+        proc = start(sink.name, [PYTHON, "-m", "backends.sink", "--listen", sink.address, "--store",
+                                 str(sink.store), "--name", sink.name, *extra], log)
+        self.procs.append(proc)
+        wait_for(lambda: proc_check(proc) and "listening on" in proc.text(), what="sink restart")
+        return Sink(proc, sink.store, sink.port, sink.name)
+
+    def vipd(self, config_text: str, name: str = "vipd", vips: tuple[str, ...] = ("mx",)) -> Vipd:
+        cfg = self.tmp / f"{name}.toml"
+        cfg.write_text(config_text)
+        log = self.tmp / f"{name}.log"
+        proc = start(name, [PYTHON, "-m", "vipd", "run", "--config", str(cfg)], log)
+        self.procs.append(proc)
+        vipd = Vipd(proc, cfg)
+
+        def ready():
+            proc_check(proc)
+            text = proc.text()
+            found = {v: [int(p) for p in re.findall(rf"listening vip={re.escape(v)} address=\S+:(\d+)", text)]
+                     for v in vips}
+            if "[admin]" in config_text and "admin listening" not in text:
+                return None
+            return found if all(found.values()) else None
+
+        vipd.ports = wait_for(ready, what="vipd to listen")
+        admin = re.search(r"admin listening address=\S+:(\d+)", proc.text())
+        vipd.admin_port = int(admin.group(1)) if admin else None
+        return vipd
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def proc_check(proc: Proc) -> bool:
+    if not proc.alive():
+        raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.text()[-3000:]}")
+    return True
+
+
+def pool_config(*sinks: Sink, balance: str = "roundrobin", extra_vip: str = "", extra_pool: str = "",
+                admin: bool = True, top: str = "") -> str:
+    servers = ", ".join(f'"{s.address}"' for s in sinks)
+    text = f"""{top}
+[vip.mx]
+listen = ["127.0.0.1:0"]
+hostname = "mx.vipd.test"
+default_pool = "incoming"
+{extra_vip}
+
+[pool.incoming]
+balance = "{balance}"
+servers = [{servers}]
+{extra_pool}
+"""
+    if admin:
+        text += '\n[admin]\nlisten = "127.0.0.1:0"\n'
+    return text
+
+
+def raw_session(port: int, data: bytes, *, expect_replies: int, timeout: float = 10.0) -> list[bytes]:
+    """Send bytes (after the greeting) on a raw socket; return complete reply lines (last lines only)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        buf = b""
+        while b"\r\n" not in buf:
+            buf += sock.recv(4096)
+        sock.sendall(data)
+        replies: list[bytes] = []
+        buf = b""
+        while len(replies) < expect_replies:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\r\n")
+            replies += [ln for ln in lines if len(ln) >= 4 and ln[3:4] == b" "]
+        return replies

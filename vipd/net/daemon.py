@@ -1,0 +1,248 @@
+"""The daemon: listeners for every VIP, the pools behind them, reload, graceful stop, periodic sweeps.
+
+Rules:
+- Config is swapped whole: a reload builds a new ``Config`` first and changes nothing if it is invalid.
+  Sessions keep the VIP settings they started with; every new transaction looks its pool up afresh,
+  so a changed pool takes effect at the next transaction.
+- Stop (SIGTERM/SIGINT): listeners close at once; sessions between transactions get 421 now, the
+  others finish their transaction first; after ``grace_seconds`` the rest get 421 and are closed.
+- One sweep a second enforces idle and session timeouts and expires idle backend connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import signal
+import time
+from collections.abc import Callable
+
+from .. import config as config_mod
+from ..config import Config, VipConfig
+from ..log import LogBuffer, fmt
+from ..metrics import Metrics
+from ..smtp import replies
+from ..smtp.server import Limits
+from .pools import PoolRuntime
+from .session import Session, limits_for
+
+__all__ = ["Daemon"]
+
+SWEEP_SECONDS = 1.0
+
+
+class Daemon:
+    def __init__(self, config: Config, log: LogBuffer | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.log = log or LogBuffer(level=config.log_level)
+        self.metrics = metrics or Metrics()
+        self.pools: dict[str, PoolRuntime] = {}
+        self.limits: dict[str, Limits] = {}
+        self.sessions: set[Session] = set()
+        self.per_vip: dict[str, int] = {}
+        self.stopping = False
+        self._servers: dict[tuple[str, str, int], asyncio.base_events.Server] = {}
+        self.bound: dict[str, list[tuple[str, int]]] = {}
+        self._stop = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._reply_counters: dict[str, Callable[[int], None]] = {}
+        self._date = (0, "")
+        self._admin = None
+        self._apply(config)
+        self.metrics.watch_pools(lambda: list(self.pools.values()))
+
+    # --- configuration -----------------------------------------------------------------------
+    def _apply(self, config: Config) -> None:
+        for name, cfg in config.pools.items():
+            if name in self.pools:
+                self.pools[name].update(cfg)
+            else:
+                self.pools[name] = PoolRuntime(cfg, self._pool_event)
+        for name in [n for n in self.pools if n not in config.pools]:
+            self.pools.pop(name).close()
+        self.limits = {name: limits_for(vip) for name, vip in config.vips.items()}
+        self.config = config
+        self.log.set_level(config.log_level)
+
+    def _pool_event(self, kind: str, pool: str, server: str, detail: str) -> None:
+        self.metrics.backend_failures.labels(pool, server).inc()
+        self.log.warning(f"server {kind} " + fmt(pool=pool, server=server, reason=detail))
+
+    def route(self, vip: VipConfig, domain: str) -> PoolRuntime:
+        """The pool for a recipient domain, looked up in the current config."""
+        current = self.config.vips.get(vip.name, vip)
+        name = current.routes.lookup(domain) if current.routes is not None and domain else None
+        pool = self.pools.get(name or current.default_pool)
+        if pool is None:
+            pool = self.pools[current.default_pool] if current.default_pool in self.pools \
+                else next(iter(self.pools.values()))
+        return pool
+
+    def helo_name(self, vip: VipConfig) -> str:
+        return vip.hostname
+
+    async def reload(self) -> bool:
+        try:
+            new = await asyncio.to_thread(config_mod.load, self.config.path)
+        except config_mod.ConfigError as exc:
+            for err in exc.errors:
+                self.log.error(f"reload failed, keeping the running config: {err}")
+            self.metrics.config_reloads.labels("failed").inc()
+            return False
+        self._apply(new)
+        await self._sync_listeners()
+        self.metrics.config_reloads.labels("ok").inc()
+        self.log.info("reloaded " + fmt(config=str(new.path), vips=len(new.vips), pools=len(new.pools)))
+        return True
+
+    # --- sessions ----------------------------------------------------------------------------
+    def admit(self, session: Session) -> bool:
+        name = session.vip.name
+        if self.stopping or self.per_vip.get(name, 0) >= session.vip.max_sessions:
+            self.metrics.sessions_refused.labels(name, "stopping" if self.stopping else "max_sessions").inc()
+            return False
+        self.per_vip[name] = self.per_vip.get(name, 0) + 1
+        self.sessions.add(session)
+        self.metrics.sessions.labels(name).inc()
+        self.metrics.sessions_active.labels(name).inc()
+        return True
+
+    def release(self, session: Session) -> bool:
+        if session not in self.sessions:
+            return False
+        self.sessions.discard(session)
+        name = session.vip.name
+        self.per_vip[name] -= 1
+        self.metrics.sessions_active.labels(name).dec()
+        if self.stopping and not self.sessions:
+            self._stop.set()
+        return True
+
+    def reply_counter(self, listener: str) -> Callable[[int], None]:
+        counter = self._reply_counters.get(listener)
+        if counter is None:
+            children: dict[int, object] = {}
+            family = self.metrics.replies
+
+            def count(code: int) -> None:
+                child = children.get(code)
+                if child is None:
+                    child = children[code] = family.labels(listener, str(code))
+                child.inc()  # type: ignore[attr-defined]
+
+            counter = self._reply_counters[listener] = count
+        return counter
+
+    def date_header(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, localtime=True))
+        return self._date[1]
+
+    # --- listeners ---------------------------------------------------------------------------
+    async def _sync_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        wanted = {(vip.name, ep.host, ep.port): vip for vip in self.config.vips.values()
+                  for ep in vip.listen}
+        for key in [k for k in self._servers if k not in wanted]:
+            server = self._servers.pop(key)
+            server.close()
+            self.log.info("stopped listening " + fmt(vip=key[0], address=_addr(key[1], key[2])))
+        for key, vip in wanted.items():
+            if key in self._servers:
+                continue
+            name, host, port = key
+            server = await loop.create_server(lambda n=name: self._new_session(n), host, port,
+                                              reuse_address=True, backlog=1024)
+            self._servers[key] = server
+            for sock in server.sockets:
+                bound = sock.getsockname()
+                self.bound.setdefault(name, []).append((bound[0], bound[1]))
+                self.log.info("listening " + fmt(vip=name, address=_addr(bound[0], bound[1])))
+        self.log.flush()
+
+    def _new_session(self, vip_name: str) -> Session:
+        vip = self.config.vips.get(vip_name)
+        if vip is None:       # removed by a reload while a connection was being accepted
+            vip = next(iter(self.config.vips.values()))
+        return Session(self, vip)
+
+    # --- run and stop ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._sync_listeners()
+        if self.config.admin is not None:
+            from ..admin import start_admin
+            self._admin = await start_admin(self, self.config.admin.listen.host,
+                                            self.config.admin.listen.port)
+        self._sweeper = asyncio.ensure_future(self._sweep())
+        self.log.flush()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                session.check_timeouts(now)
+            for pool in self.pools.values():
+                pool.expire_idle()
+
+    def request_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop_requested.set()
+        self.log.info("stopping " + fmt(sessions=len(self.sessions),
+                                        grace_seconds=self.config.grace_seconds))
+        for server in self._servers.values():
+            server.close()
+        for session in list(self.sessions):
+            session.stop_if_idle()
+        if not self.sessions:
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Run until stopped by a signal; then drain and clean up."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self._stop_requested.wait()
+            await self.drain()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.close()
+
+    async def drain(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.grace_seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            self.log.warning("grace period over " + fmt(sessions=len(self.sessions)))
+            for session in list(self.sessions):
+                session.say_and_close(replies.SHUTTING_DOWN, "KD")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
+        for server in self._servers.values():
+            server.close()
+        self._servers.clear()
+        for pool in self.pools.values():
+            pool.close()
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        await asyncio.sleep(0)
+        self.log.info("stopped")
+        self.log.flush()
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+

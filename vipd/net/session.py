@@ -1,0 +1,361 @@
+"""One client connection to a VIP: the asyncio adapter around the sans-IO server machine.
+
+Rules:
+- The machine decides protocol; this adapter only answers events: locally for the envelope it owns,
+  or with a backend's verdict through vipd.net.forward.
+- Events are handled in order, one at a time. Most answers are immediate; when one needs a backend,
+  a task awaits it and resumes the loop, and the machine buffers what the client pipelines meanwhile
+  (reading pauses when that buffer grows past ``MAX_BUFFERED``).
+- Nothing escapes a session: a bug is logged with its traceback and the client gets 421 4.3.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import os
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+from ..config import VipConfig
+from ..log import fmt
+from ..smtp import replies
+from ..smtp.commands import Data, Ehlo, Helo, MailFrom, Quit, RcptTo, Rset
+from ..smtp.lines import BodyChunk
+from ..smtp.replies import Reply
+from ..smtp.server import (ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
+                           ServerConnection, Sentinel, State, standard_reply)
+from .body import Body
+from .forward import ClientFacts, Transaction, with_status
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["Session", "limits_for", "new_session_id"]
+
+MAX_BUFFERED = 256 * 1024
+
+
+def limits_for(vip: VipConfig) -> Limits:
+    return Limits(max_command_line_bytes=vip.max_command_line_bytes,
+                  max_text_line_bytes=vip.max_text_line_bytes,
+                  max_message_bytes=vip.max_message_bytes,
+                  max_recipients=vip.max_recipients,
+                  reject_nul=vip.reject_nul,
+                  need_helo="needmailhelo" in vip.privacy)
+
+
+def new_session_id() -> str:
+    """Ten characters of base32 randomness, like a Postfix long queue id's spirit."""
+    return base64.b32encode(os.urandom(5)).decode("ascii")
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, daemon: Daemon, vip: VipConfig) -> None:
+        self.daemon = daemon
+        self.vip = vip
+        self.log = daemon.log
+        self.sid = new_session_id()
+        self.conn = ServerConnection(daemon.limits[vip.name])
+        self.transport: asyncio.Transport | None = None
+        self.ip = "?"
+        self.port = 0
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.txn: Transaction | None = None
+        self.body: Body | None = None
+        self.txn_count = 0
+        self.rcpts_ok = self.rcpts_refused = 0
+        self.msgs = {"relayed": 0, "rejected": 0, "deferred": 0}
+        self.bytes = 0
+        self.term = ""
+        self._busy = False
+        self._paused = False
+        self._closed = False
+        self._replies = daemon.reply_counter(vip.name)
+
+    # --- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports are not asyncio.Transport subclasses: no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.ip, self.port = str(peer[0]), int(peer[1])
+        if not self.daemon.admit(self):
+            self._reply(replies.TOO_MANY_SESSIONS)
+            self.term = "RC"
+            self._close()
+            return
+        self._reply(replies.greeting(self.vip.banner))
+        if self.conn.closed:
+            self._close()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.conn.receive_data(data)
+        if not self._busy:
+            self._pump()
+        if self.conn.buffered > MAX_BUFFERED and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.receive_data(b"")
+        if not self._busy:
+            self._pump()
+        self._finish_session()
+
+    # --- the event loop of one session --------------------------------------------------------
+    def _pump(self) -> None:
+        conn = self.conn
+        try:
+            while not self._closed:
+                event = conn.next_event()
+                if isinstance(event, Sentinel):
+                    break
+                result = self._handle(event)
+                if result is None:
+                    continue
+                if isinstance(result, Reply):
+                    self._reply(result)
+                    if conn.closed:
+                        self._close()
+                    continue
+                self._busy = True
+                asyncio.ensure_future(self._await(result))
+                return
+        except Exception:
+            self._crash()
+            return
+        if self._paused and conn.buffered < MAX_BUFFERED // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def _await(self, pending) -> None:
+        try:
+            reply = await pending
+        except Exception:
+            self._busy = False
+            self._crash()
+            return
+        self._busy = False
+        if self._closed:
+            return
+        self._reply(reply)
+        if self.conn.closed:
+            self._close()
+            return
+        self._pump()
+
+    def _handle(self, event: object):
+        """Answer one event: a Reply, an awaitable of one, or None (nothing to say)."""
+        if isinstance(event, BodyChunk):
+            assert self.body is not None
+            self.body.append(event.data)
+            return None
+        if self.daemon.stopping and self.conn.state is State.READY and not isinstance(event, Quit):
+            self.term = "KQ"
+            return replies.SHUTTING_DOWN
+        kind = type(event)
+        if kind is RcptTo:
+            return self._rcpt(event)
+        if kind is MessageComplete:
+            return self._message_complete(event)
+        if kind is MailFrom:
+            return self._mail(event)
+        if kind is Data:
+            return self._data()
+        if kind is Ehlo:
+            return replies.ehlo_reply(self.vip.hostname, self.conn.ehlo_keywords())
+        if kind is Helo:
+            return replies.helo_reply(self.vip.hostname)
+        if kind is ProtocolViolation:
+            self.daemon.metrics.protocol_errors.labels(event.kind).inc()
+            self.log.info(f"{self.sid}: protocol error " + fmt(client=self._client(),
+                          kind=event.kind, reply=str(event.reply)))
+        elif kind is ConnectionClosed:
+            self._end_transaction("abandoned")
+            self.term = self.term or "C" + self._phase(event.in_data)
+            self._close()
+            return None
+        elif kind is Rset or kind is Quit:
+            self._end_transaction("abandoned")
+            if kind is Quit:
+                self.term = self.term or "--"
+        return standard_reply(event, privacy=self.vip.privacy)
+
+    # --- envelope ----------------------------------------------------------------------------
+    def _mail(self, event: MailFrom) -> Reply:
+        self.txn_count += 1
+        qid = f"{self.sid}.{self.txn_count}"
+        facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp)
+        self.txn = Transaction(qid, event, facts, self.daemon.helo_name(self.vip))
+        return replies.SENDER_OK
+
+    async def _rcpt(self, event: RcptTo) -> Reply:
+        txn = self.txn
+        assert txn is not None
+        pool = self.daemon.route(self.vip, event.address.domain)
+        reply = with_status(await txn.add_rcpt(pool, event.address))
+        if reply.is_positive:
+            self.rcpts_ok += 1
+        else:
+            self.rcpts_refused += 1
+            self.log.info(f"{txn.qid}: reject RCPT " + fmt(
+                client=self._client(), reply=str(reply), **{"from": str(txn.mail.address)},
+                to=str(event.address), pool=pool.name))
+        return reply
+
+    def _data(self) -> Reply:
+        txn = self.txn
+        assert txn is not None
+        txn.begin_data()
+        self.body = Body()
+        return replies.START_DATA
+
+    async def _message_complete(self, event: MessageComplete) -> Reply:
+        txn, body = self.txn, self.body
+        assert txn is not None and body is not None
+        if event.error is not None:
+            self.daemon.metrics.protocol_errors.labels("bad_message").inc()
+            self._end_transaction("rejected", event.error, event.size)
+            return event.error
+        try:
+            reply = await txn.finish(body, self._received_header(txn))
+        finally:
+            body.close()
+            self.body = None
+        outcome = "relayed" if reply.code == 250 else ("deferred" if reply.is_transient else "rejected")
+        self._end_transaction(outcome, reply, event.size)
+        return reply
+
+    def _end_transaction(self, outcome: str, reply: Reply | None = None, size: int | None = None) -> None:
+        txn, self.txn = self.txn, None
+        if self.body is not None:
+            self.body.close()
+            self.body = None
+        if txn is None:
+            return
+        if outcome == "abandoned":
+            txn.abort()
+            if txn.accepted_rcpts == 0:
+                return
+        else:
+            self.msgs[outcome] += 1
+            metrics = self.daemon.metrics
+            metrics.messages.labels(outcome).inc()
+            if outcome == "relayed" and size is not None:
+                self.bytes += size
+                metrics.message_size.observe(size)
+            now = time.monotonic()
+            metrics.transaction_duration.observe(now - txn.started)
+        now = time.monotonic()
+        data_at = txn.data_started or now
+        body_at = txn.body_done or data_at
+        rcpts = ",".join(str(r) for p in txn.parts.values() for r in p.rcpts)
+        self.log.info(f"{txn.qid}: {outcome} " + fmt(
+            client=self._client(), helo=f"<{self.conn.helo or ''}>", **{"from": str(txn.mail.address)},
+            to=rcpts or None, nrcpt=txn.accepted_rcpts, size=size, servers=txn.servers() or None,
+            delays=f"{data_at - txn.started:.3f}/{body_at - data_at:.3f}/{now - body_at:.3f}",
+            dsn=reply.status if reply else None, reply=str(reply) if reply else None))
+
+    def _received_header(self, txn: Transaction) -> bytes:
+        proto = "ESMTP" if self.conn.esmtp else "SMTP"
+        rcpts = [r for p in txn.parts.values() for r in p.rcpts]
+        for_clause = f"\r\n\tfor {rcpts[0]}" if len(rcpts) == 1 else ""
+        return (f"Received: from {self.conn.helo or 'unknown'} ([{self.ip}])\r\n"
+                f"\tby {self.vip.hostname} (vipd) with {proto} id {txn.qid}{for_clause};\r\n"
+                f"\t{self.daemon.date_header()}\r\n").encode("ascii", "replace")
+
+    # --- output and end ----------------------------------------------------------------------
+    def _reply(self, reply: Reply) -> None:
+        data = self.conn.send(reply) if self.conn.pending is not None else self.conn.close(reply)
+        self._count(reply)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _count(self, reply: Reply) -> None:
+        self._replies(reply.code)
+
+    def say_and_close(self, reply: Reply, term: str) -> None:
+        """Close out of turn (timeouts, shutdown, too many sessions), abandoning any transaction."""
+        if self._closed:
+            return
+        self.term = self.term or term
+        self._end_transaction("abandoned")
+        data = self.conn.close(reply)
+        self._count(reply)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _crash(self) -> None:
+        self.log.error(f"{self.sid}: internal error " + fmt(client=self._client())
+                       + "\n" + traceback.format_exc().rstrip())
+        self.term = "IQ" if not self.term else self.term
+        self.say_and_close(replies.INTERNAL, "I" + self._phase(False))
+
+    def _finish_session(self) -> None:
+        if self.daemon.release(self) is False:
+            return          # never admitted
+        self._end_transaction("abandoned")
+        self._closed = True
+        duration = time.monotonic() - self.started
+        self.daemon.metrics.session_duration.observe(duration)
+        m = self.msgs
+        self.log.info(f"{self.sid}: session " + fmt(
+            client=self._client(), helo=f"<{self.conn.helo or ''}>", txns=self.txn_count,
+            rcpts=f"{self.rcpts_ok}/{self.rcpts_refused}",
+            msgs=f"{m['relayed']}/{m['rejected']}/{m['deferred']}", bytes=self.bytes,
+            term=self.term or "--", duration_seconds=f"{duration:.3f}"))
+
+    # --- timeouts and shutdown (called by the daemon's sweep) --------------------------------
+    def idle_for(self, now: float) -> float:
+        if self._busy or self.conn.pending is not None:
+            return 0.0
+        return now - self.last_activity
+
+    def check_timeouts(self, now: float) -> None:
+        if self._closed:
+            return
+        if now - self.started > self.vip.session_timeout_seconds:
+            self.say_and_close(replies.SESSION_TIMEOUT, "c" + self._phase(False))
+            return
+        in_data = self.conn.state is State.DATA
+        limit = self.vip.data_timeout_seconds if in_data else self.vip.command_timeout_seconds
+        if self.idle_for(now) > limit:
+            reply = replies.DATA_TIMEOUT if in_data else replies.COMMAND_TIMEOUT
+            self.say_and_close(reply, "c" + self._phase(in_data))
+
+    def stop_if_idle(self) -> None:
+        """Called when the daemon stops: a session between transactions is closed now."""
+        if not self._closed and not self._busy and self.conn.state is State.READY \
+                and self.conn.pending is None:
+            self.say_and_close(replies.SHUTTING_DOWN, "KQ")
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _client(self) -> str:
+        return f"[{self.ip}]:{self.port}"
+
+    def _phase(self, in_data: bool) -> str:
+        if in_data:
+            return "D"
+        state = self.conn.state
+        if state is State.CONNECT:
+            return "C"
+        if state in (State.MAIL, State.RCPT):
+            return "R"
+        if state is State.DATA:
+            return "D"
+        return "M" if self.conn.helo else "H"

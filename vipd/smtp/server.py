@@ -1,0 +1,343 @@
+"""The server side of an SMTP session as a pure state machine: bytes in, events out, replies back.
+
+Rules:
+1. Everything that changes session state lives here; the adapter only decides replies.
+2. One reply per command, in order (RFC 2920): after a command event the machine pauses until the
+   adapter answers it with ``send()``, and it reads nothing further meanwhile.
+3. A (state, command) pair that RFC 5321 forbids is answered by the machine itself with a
+   ``ProtocolViolation`` event carrying the reply; the adapter sends it like any other.
+4. Any input, however hostile, yields events and replies, never an exception. Only our own code
+   misusing the machine raises ``LocalProtocolError``.
+
+Usage::
+
+    conn = ServerConnection(Limits())
+    out = conn.send(replies.greeting("mx.example ESMTP"))
+    conn.receive_data(chunk)                 # b"" means EOF
+    while not isinstance(event := conn.next_event(), Sentinel):
+        ...                                  # answer command events with conn.send(reply)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from . import replies
+from .commands import (Command, Data, Ehlo, Expn, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset,
+                       Unknown, Vrfy, Xclient, parse_command)
+from .lines import BodyChunk, DataReader, LineReader
+from .replies import Reply
+
+__all__ = [
+    "State",
+    "Limits",
+    "ServerConnection",
+    "Sentinel",
+    "NEED_DATA",
+    "PAUSED",
+    "Greeting",
+    "ProtocolViolation",
+    "MessageComplete",
+    "ConnectionClosed",
+    "BodyChunk",
+    "LocalProtocolError",
+    "standard_reply",
+]
+
+
+class State(enum.Enum):
+    CONNECT = "connect"      # greeting not yet sent
+    READY = "ready"          # no transaction
+    MAIL = "mail"            # sender given
+    RCPT = "rcpt"            # at least one recipient accepted
+    DATA = "data"            # reading the body
+    CLOSED = "closed"
+
+
+class Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = Sentinel("NEED_DATA")   # nothing to do until more bytes arrive
+PAUSED = Sentinel("PAUSED")         # waiting for the adapter to answer the last event
+
+
+class LocalProtocolError(Exception):
+    """Our own code used the machine out of turn (a bug, never the peer's fault)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_command_line_bytes: int = 2048
+    max_text_line_bytes: int = 1000       # including CRLF; 0 disables the check
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    reject_nul: bool = True
+    need_helo: bool = True                # sendmail's needmailhelo
+    max_errors: int = 20                  # Postfix smtpd_hard_error_limit
+    xclient: bool = False                 # offer XCLIENT (only ever to trusted peers)
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    """Stands for the connection's start; answered with the 220 banner (or 421/554)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The client broke the protocol; send ``reply`` (the machine already chose it)."""
+
+    reply: Reply
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete:
+    """CRLF.CRLF arrived. ``error`` is set when the body was refused (then no chunk was complete)."""
+
+    size: int
+    error: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The client closed its side; ``in_data`` tells whether a message was cut short."""
+
+    in_data: bool
+
+
+# Which state a positive answer to each command leads to. A pair missing here is refused.
+_ALLOWED: dict[type[Command], frozenset[State]] = {
+    Helo: frozenset({State.READY, State.MAIL, State.RCPT}),
+    Ehlo: frozenset({State.READY, State.MAIL, State.RCPT}),
+    MailFrom: frozenset({State.READY}),
+    RcptTo: frozenset({State.MAIL, State.RCPT}),
+    Data: frozenset({State.RCPT}),
+    Xclient: frozenset({State.READY}),
+}
+
+_KIND: dict[Reply, str] = {
+    replies.LINE_TOO_LONG: "line_too_long",
+    replies.BARE_LF_COMMAND: "bare_lf",
+    replies.BAD_CHARACTERS: "bad_characters",
+    replies.NON_ASCII_COMMAND: "non_ascii",
+    replies.UNKNOWN_COMMAND: "unknown_command",
+    replies.NOT_IMPLEMENTED: "not_implemented",
+}
+
+
+class ServerConnection:
+    """One client session's protocol state. Not thread-safe; feed it from one place."""
+
+    __slots__ = ("limits", "state", "helo", "esmtp", "rcpt_count", "rcpt_attempts", "errors",
+                 "_buf", "_eof", "_pending", "_lines", "_data", "_closed_event_sent", "_data_done")
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.state = State.CONNECT
+        self.helo: str | None = None
+        self.esmtp = False
+        self.rcpt_count = 0
+        self.rcpt_attempts = 0
+        self.errors = 0
+        self._buf = bytearray()
+        self._eof = False
+        self._pending: object | None = Greeting()
+        self._lines = LineReader(self.limits.max_command_line_bytes)
+        self._data: DataReader | None = None
+        self._closed_event_sent = False
+        self._data_done = False
+
+    # --- input -------------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events (for flow control)."""
+        return len(self._buf)
+
+    @property
+    def pending(self) -> object | None:
+        """The event awaiting an answer, if any."""
+        return self._pending
+
+    def next_event(self) -> object:
+        """The next event, or NEED_DATA / PAUSED."""
+        if self._pending is not None:
+            return PAUSED
+        if self.state is State.CLOSED:
+            return NEED_DATA
+        if self.state is State.DATA:
+            return self._next_data_event()
+        line = self._lines.next_line(self._buf)
+        if line is None:
+            return self._eof_event() if self._eof else NEED_DATA
+        if isinstance(line, Reply):
+            return self._violation(line)
+        parsed = parse_command(line, max_message_bytes=self.limits.max_message_bytes)
+        if isinstance(parsed, Reply):
+            return self._violation(parsed, kind="syntax")
+        return self._sequence(parsed)
+
+    def _next_data_event(self) -> object:
+        reader = self._data
+        assert reader is not None
+        if not self._data_done:
+            chunk, self._data_done = reader.read(self._buf)
+            if chunk is not None:
+                return chunk
+        if self._data_done:
+            event = MessageComplete(reader.size, reader.error)
+            self._data = None
+            self._data_done = False
+            self._pending = event
+            return event
+        return self._eof_event() if self._eof else NEED_DATA
+
+    def _eof_event(self) -> object:
+        if self._closed_event_sent:
+            return NEED_DATA
+        self._closed_event_sent = True
+        in_data = self.state is State.DATA
+        self.state = State.CLOSED
+        self._data = None
+        return ConnectionClosed(in_data)
+
+    def _violation(self, reply: Reply, kind: str | None = None) -> ProtocolViolation:
+        self.errors += 1
+        if self.errors >= self.limits.max_errors:
+            reply = replies.TOO_MANY_ERRORS
+        event = ProtocolViolation(reply, kind or _KIND.get(reply, "sequence"))
+        self._pending = event
+        return event
+
+    def _sequence(self, cmd: Command) -> object:
+        """Check the command against the state; return it, or the violation that refuses it."""
+        kind = type(cmd)
+        if isinstance(cmd, Unknown) or (kind is Xclient and not self.limits.xclient):
+            known = kind is Xclient or cmd.known  # type: ignore[attr-defined]
+            return self._violation(replies.NOT_IMPLEMENTED if known else replies.UNKNOWN_COMMAND)
+        allowed = _ALLOWED.get(kind)
+        if allowed is not None and self.state not in allowed:
+            return self._violation(self._sequence_reply(cmd), kind="sequence")
+        if kind is MailFrom and self.helo is None and self.limits.need_helo:
+            return self._violation(replies.NEED_HELO, kind="sequence")
+        if kind is RcptTo:
+            self.rcpt_attempts += 1
+            if self.rcpt_count >= self.limits.max_recipients:
+                return self._violation(replies.TOO_MANY_RCPTS, kind="too_many_recipients")
+        self._pending = cmd
+        return cmd
+
+    def _sequence_reply(self, cmd: Command) -> Reply:
+        if isinstance(cmd, MailFrom):
+            return replies.NESTED_MAIL
+        if isinstance(cmd, RcptTo):
+            return replies.NEED_MAIL
+        if isinstance(cmd, Data):
+            if self.state is State.READY:
+                return replies.NEED_MAIL
+            return replies.NO_VALID_RCPTS if self.rcpt_attempts else replies.NEED_RCPT
+        return replies.BAD_SEQUENCE
+
+    # --- output ------------------------------------------------------------------------------
+    def send(self, reply: Reply) -> bytes:
+        """Answer the pending event; returns the bytes to write."""
+        event = self._pending
+        if event is None:
+            raise LocalProtocolError(f"no command to answer with {reply}")
+        self._pending = None
+        if reply.code == 421 or isinstance(event, Quit):
+            self.state = State.CLOSED
+        elif isinstance(event, ProtocolViolation):
+            if event.reply is replies.TOO_MANY_ERRORS:
+                self.state = State.CLOSED
+        else:
+            self._advance(event, reply)
+        return reply.to_bytes()
+
+    def close(self, reply: Reply) -> bytes:
+        """Say goodbye out of turn (timeouts, shutdown): any pending event is dropped."""
+        self._pending = None
+        self._data = None
+        self.state = State.CLOSED
+        return reply.to_bytes()
+
+    def _advance(self, event: object, reply: Reply) -> None:
+        ok = reply.is_positive
+        if isinstance(event, Greeting):
+            self.state = State.READY if reply.code == 220 else State.CLOSED
+        elif isinstance(event, (Helo, Ehlo)):
+            if ok:
+                self.helo = event.domain
+                self.esmtp = isinstance(event, Ehlo)
+                self._reset_transaction()
+        elif isinstance(event, MailFrom):
+            if ok:
+                self.state = State.MAIL
+        elif isinstance(event, RcptTo):
+            if ok:
+                self.state = State.RCPT
+                self.rcpt_count += 1
+        elif isinstance(event, Data):
+            if reply.code == 354:
+                self.state = State.DATA
+                lim = self.limits
+                self._data = DataReader(lim.max_message_bytes, lim.max_text_line_bytes, lim.reject_nul)
+            elif reply.code == 250:
+                raise LocalProtocolError("DATA must be answered with 354 or an error")
+        elif isinstance(event, (MessageComplete, Rset)):
+            self._reset_transaction()
+        elif isinstance(event, Xclient):
+            if reply.code == 220:
+                # XCLIENT_README: the session restarts as if the named client had just connected.
+                self.helo = None
+                self.esmtp = False
+                self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.state = State.READY
+        self.rcpt_count = 0
+        self.rcpt_attempts = 0
+
+    # --- helpers for adapters ----------------------------------------------------------------
+    def ehlo_keywords(self) -> list[str]:
+        words = ["PIPELINING", f"SIZE {self.limits.max_message_bytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.limits.xclient:
+            words.append("XCLIENT NAME ADDR PORT PROTO HELO")
+        return words
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+
+def standard_reply(event: object, *, privacy: frozenset[str] = frozenset()) -> Reply | None:
+    """The usual answer to commands that need no policy; None for those that do."""
+    if isinstance(event, ProtocolViolation):
+        return event.reply
+    if isinstance(event, (Noop,)):
+        return replies.NOOP_OK
+    if isinstance(event, Rset):
+        return replies.RSET_OK
+    if isinstance(event, Quit):
+        return replies.BYE
+    if isinstance(event, Help):
+        return replies.HELP
+    if isinstance(event, Vrfy):
+        # Never disclose: RFC 5321 3.5.3 allows 252 "cannot verify"; novrfy refuses outright.
+        return replies.VRFY_DENIED if "novrfy" in privacy else replies.CANNOT_VRFY
+    if isinstance(event, Expn):
+        return replies.EXPN_DENIED
+    return None

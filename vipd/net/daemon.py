@@ -67,7 +67,7 @@ class Daemon:
 
     def _pool_event(self, kind: str, pool: str, server: str, detail: str) -> None:
         self.metrics.backend_failures.labels(pool, server).inc()
-        self.log.warning(f"server {kind} " + fmt(pool=pool, server=server, reason=detail))
+        self.log.warning(f"server {kind} " + fmt(pool=pool, server=server, check="passive", reason=detail))
 
     def route(self, vip: VipConfig, domain: str) -> PoolRuntime:
         """The pool for a recipient domain, looked up in the current config."""

@@ -126,7 +126,7 @@ class PoolRuntime:
 
     def mark_failed(self, backend: Backend, exc: Exception) -> None:
         if backend.usable:
-            self._on_event("server_failed", self.name, backend.name, str(exc))
+            self._on_event("down", self.name, backend.name, str(exc))
         backend.usable = False
         old = self._holdoff.pop(backend.name, None)
         if old is not None:

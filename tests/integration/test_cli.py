@@ -1,0 +1,60 @@
+"""The command line: check-config reports every mistake; the lab shows a delivered message."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from support import PYTHON, ROOT
+
+THREE_MISTAKES = """
+[vip.mx]
+listen = ["127.0.0.1:0"]
+default_pool = "missing"
+max_recipents = 10
+
+[pool.incoming]
+servers = ["10.0.0.11"]
+"""
+
+
+def test_check_config_names_all_three_mistakes(tmp_path):
+    cfg = tmp_path / "broken.toml"
+    cfg.write_text(THREE_MISTAKES)
+    out = subprocess.run([PYTHON, "-m", "vipd", "check-config", str(cfg)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert any("broken.toml" in ln and "vip.mx.default_pool" in ln and "missing" in ln for ln in lines), lines
+    assert any("vip.mx.max_recipents" in ln and "unknown key" in ln for ln in lines), lines
+    assert any("pool.incoming.servers[0]" in ln and "10.0.0.11" in ln for ln in lines), lines
+    assert "3 errors" in out.stderr
+
+
+def test_check_config_accepts_the_example():
+    out = subprocess.run([PYTHON, "-m", "vipd", "check-config", str(ROOT / "conf" / "vipd.example.toml")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(": ok")
+
+
+def test_run_with_a_broken_config_exits_nonzero_naming_the_problem(tmp_path):
+    cfg = tmp_path / "broken.toml"
+    cfg.write_text(THREE_MISTAKES)
+    out = subprocess.run([PYTHON, "-m", "vipd", "run", "--config", str(cfg)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 1 and "vip.mx.default_pool" in out.stderr
+
+
+def test_lab_once_delivers_the_sample_and_stops_everything(tmp_path):
+    out = subprocess.run([PYTHON, "-m", "vipd", "lab", "--once", "--port", "0", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    match = re.search(r"landed in (\S+\.eml)", out.stdout)
+    assert match, out.stdout
+    assert b"This message went through the VIP." in open(match.group(1), "rb").read()
+    assert "swaks --server 127.0.0.1:" in out.stdout
+    assert "stopped vipd and 2 sinks" in out.stdout
+    # Nothing left running: the sinks' logs end and no process holds the store.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps

@@ -8,13 +8,11 @@ dot-unstuffing). Files are written atomically: temp file, fsync, rename, fsync o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import itertools
 import json
 import os
 import re
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from vipd.smtp import replies
 from vipd.smtp.commands import Address
 from vipd.smtp.replies import Reply
 
-from .smtpd import App, Envelope, serve
+from .smtpd import App, Envelope, run_forever
 
 __all__ = ["SinkApp", "StoredMessage", "read_store", "main"]
 
@@ -110,21 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     app = SinkApp(Path(args.store), name=args.name, hostname=args.hostname or f"{args.name}.vipd.test",
                   fsync=not args.no_fsync, xclient_from=nets, reject_rcpt=args.reject_rcpt,
                   quiet=args.quiet)
-
-    async def run() -> None:
-        server = await serve(app, args.listen)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        server.close()
-
-    try:
-        import uvloop
-        uvloop.run(run())
-    except ImportError:
-        asyncio.run(run())
+    run_forever(app, args.listen)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import signal
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from vipd.smtp.replies import Reply
 from vipd.smtp.server import (ConnectionClosed, Limits, MessageComplete, ServerConnection, Sentinel,
                               standard_reply)
 
-__all__ = ["Envelope", "App", "SmtpServerProtocol", "serve"]
+__all__ = ["Envelope", "App", "SmtpServerProtocol", "serve", "run_forever"]
 
 
 @dataclass
@@ -181,3 +182,23 @@ async def serve(app: App, listen: str) -> asyncio.base_events.Server:
     bound = server.sockets[0].getsockname()
     print(f"listening on {bound[0]}:{bound[1]}", flush=True)
     return server
+
+
+def run_forever(app: App, listen: str) -> None:
+    """Serve until SIGTERM or SIGINT (on uvloop when it is installed)."""
+
+    async def run() -> None:
+        server = await serve(app, listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run())
+    else:
+        uvloop.run(run())

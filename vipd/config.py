@@ -373,6 +373,14 @@ def _check_text_line_limit(value: int) -> int:
     return value
 
 
+def _check_workers(value: int) -> int:
+    # Several processes on one listener need per-process spool partitions and metrics that add
+    # up across processes; until both exist, one process serves every VIP.
+    if value != 1:
+        _fail(f"only 1 is supported in this version (one process serves every VIP), got {value}")
+    return value
+
+
 def _server_shorthand(value: object) -> object:
     """Expand the shorthand "host:port" into { address = "host:port" }."""
     if isinstance(value, str):
@@ -396,6 +404,7 @@ Positive = Annotated[int, Field(ge=1)]
 # Range checks with an RFC-citing reason rather than pydantic's bare "must be >= N".
 CommandLineLimit = Annotated[int, AfterValidator(_check_command_line_limit)]
 TextLineLimit = Annotated[int, AfterValidator(_check_text_line_limit)]
+Workers = Annotated[int, AfterValidator(_check_workers)]
 # TOML arrays arrive as lists; strict mode would refuse them for tuple fields, items stay strict.
 Array = partial(Field, strict=False)
 
@@ -455,7 +464,7 @@ class _AdminTable(_Schema):
 
 
 class _Document(_Schema):
-    workers: Positive = 1
+    workers: Workers = 1
     spool_dir: PathText | None = None
     nameservers: Annotated[tuple[Nameserver, ...], Array(min_length=1)] | None = None
     log_level: LogLevel = "info"

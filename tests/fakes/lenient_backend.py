@@ -13,7 +13,10 @@ import threading
 
 
 class LenientBackend:
-    def __init__(self) -> None:
+    """``drop_at_dot``: close the connection at the end of DATA without a reply (a crash at the worst time)."""
+
+    def __init__(self, drop_at_dot: bool = False) -> None:
+        self.drop_at_dot = drop_at_dot
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -60,6 +63,8 @@ class LenientBackend:
                     if in_data:
                         if text == b"." or line == b".\r":
                             in_data = False
+                            if self.drop_at_dot:
+                                return
                             with self.lock:
                                 self.messages += 1
                             conn.sendall(b"250 2.0.0 Ok: queued\r\n")

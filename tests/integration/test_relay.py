@@ -239,3 +239,27 @@ def test_ipv6_listener(lab):
         smtp.sendmail("a@example.org", ["b@example.com"], "Subject: v6\r\n\r\nx\r\n")
     [msg] = wait_for(lambda: a.messages())
     assert msg.body.startswith(b"Received: from client.test ([::1])")
+
+
+def test_relay_backend_forwards_to_its_next_hop(lab):
+    import re as _re
+
+    from support import PYTHON, start
+    final = lab.sink("final")
+    log = lab.tmp / "relay.log"
+    relay = start("relay", [PYTHON, "-m", "backends.relay", "--listen", "127.0.0.1:0", "--next", final.address,
+                            "--xclient-from", "127.0.0.0/8"], log)
+    lab.procs.append(relay)
+    port = int(wait_for(lambda: _re.search(r"listening on [\d.]+:(\d+)", relay.text())).group(1))
+
+    class _Relay:
+        address = f"127.0.0.1:{port}"
+
+    vipd = lab.vipd(pool_config(_Relay))
+    with vipd.smtp() as smtp:
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: via relay\r\n\r\nrelayed body\r\n")
+    [msg] = wait_for(lambda: final.messages())
+    assert msg.envelope["rcpt_to"] == ["b@example.com"]
+    # Two trace headers: the relay's, then vipd's (which the relay got with XCLIENT facts).
+    assert msg.body.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby relay.vipd.test")
+    assert b"by mx.vipd.test (vipd)" in msg.body and msg.body.endswith(b"relayed body\r\n")

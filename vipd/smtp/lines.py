@@ -64,18 +64,26 @@ class BodyChunk:
 
 
 class DataReader:
-    """Finds the end of DATA and checks the body as it streams; one instance per message."""
+    """Finds the end of DATA and checks the body as it streams; one instance per message.
 
-    __slots__ = ("max_bytes", "max_line", "reject_nul", "size", "error", "_line_len", "_at_line_start")
+    The verdict must not depend on how TCP cut the stream: every segment is scanned (with C-speed
+    searches) even after a fault was found, faults are sticky flags, and ``error`` is chosen from
+    them in a fixed order (NUL, bare CR/LF, size, line length). ``size`` counts the whole body.
+    """
+
+    __slots__ = ("max_bytes", "max_line", "reject_nul", "size", "error", "_line_len", "_line_dot",
+                 "_at_line_start", "_nul", "_bare", "_long")
 
     def __init__(self, max_bytes: int, max_line: int, reject_nul: bool) -> None:
         self.max_bytes = max_bytes
-        self.max_line = max_line          # octets including CRLF; 0 means no limit
+        self.max_line = max_line          # octets including CRLF, not counting a stuffing dot; 0: no limit
         self.reject_nul = reject_nul
         self.size = 0                     # octets after dot-unstuffing (RFC 1870 counts these)
         self.error: Reply | None = None
         self._line_len = 0                # length so far of the line that continues into the next chunk
+        self._line_dot = False            # that line starts with '.' (stuffed: one octet not counted)
         self._at_line_start = True
+        self._nul = self._bare = self._long = False
 
     def read(self, buf: bytearray) -> tuple[BodyChunk | None, bool]:
         """Take what can be taken from ``buf``: (a chunk to hand out or None, whether DATA ended)."""
@@ -96,43 +104,69 @@ class DataReader:
             seg = bytes(buf[:cut])
             del buf[:cut]
             done = False
-        if self.error is not None or not seg:
-            if seg:
-                self._at_line_start = seg.endswith(b"\r\n")
+        if not seg:
             return None, done
-        self.error = self._check(seg)
+        self._scan(seg)
         self._at_line_start = seg.endswith(b"\r\n")
+        self.error = self._verdict()
         return (BodyChunk(seg) if self.error is None else None), done
 
-    def _check(self, seg: bytes) -> Reply | None:
-        if self.reject_nul and b"\x00" in seg:
-            return replies.NUL_IN_DATA
-        crlf = seg.count(b"\r\n")
-        if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
-            return replies.BARE_LINE_ENDING
+    def _scan(self, seg: bytes) -> None:
+        if self.reject_nul and not self._nul and b"\x00" in seg:
+            self._nul = True
+        if not (self._bare or self._nul):
+            crlf = seg.count(b"\r\n")
+            if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
+                self._bare = True
         dots = seg.count(b"\r\n.") + (1 if self._at_line_start and seg[:1] == b"." else 0)
         self.size += len(seg) - dots
+        if self.max_line and not (self._nul or self._bare or self._long or self.size > self.max_bytes):
+            self._long = self._check_lines(seg)
+
+    def _verdict(self) -> Reply | None:
+        if self._nul:
+            return replies.NUL_IN_DATA
+        if self._bare:
+            return replies.BARE_LINE_ENDING
         if self.size > self.max_bytes:
             return replies.TOO_BIG
-        if self.max_line:
-            return self._check_lines(seg)
-        return None
-
-    def _check_lines(self, seg: bytes) -> Reply | None:
-        if self._line_len + len(seg) <= self.max_line:
-            tail = seg.rfind(b"\n")
-            self._line_len = self._line_len + len(seg) if tail < 0 else len(seg) - tail - 1
-            return None
-        pieces = seg.split(b"\n")
-        # pieces[:-1] each end a line (with their CR; +1 for the LF); pieces[-1] continues.
-        if len(pieces) == 1:
-            self._line_len += len(seg)
-            return replies.DATA_LINE_TOO_LONG if self._line_len > self.max_line else None
-        longest = max(self._line_len + len(pieces[0]), max(map(len, pieces[1:-1]), default=0)) + 1
-        self._line_len = len(pieces[-1])
-        if longest > self.max_line or self._line_len > self.max_line:
+        if self._long:
             return replies.DATA_LINE_TOO_LONG
         return None
+
+    def _check_lines(self, seg: bytes) -> bool:
+        """Track line lengths; True once a line is (or is bound to be) over the limit.
+
+        RFC 5321 4.5.3.1.6: at most ``max_line`` octets including CRLF, not counting the leading
+        dot duplicated for transparency, so a line that starts with '.' may be one octet longer.
+        """
+        limit = self.max_line
+        if self._line_len == 0:
+            self._line_dot = seg[:1] == b"."
+        if self._line_len + len(seg) <= limit:
+            tail = seg.rfind(b"\n")
+            if tail < 0:
+                self._line_len += len(seg)
+            else:
+                self._line_len = len(seg) - tail - 1
+                self._line_dot = seg[tail + 1: tail + 2] == b"."
+            return False
+        pieces = seg.split(b"\n")
+        # pieces[:-1] each end a line (with their CR; +1 for the LF); pieces[-1] continues.
+        if len(pieces) > 1:
+            if self._line_len + len(pieces[0]) + 1 > limit + self._line_dot:
+                return True
+            middle = pieces[1:-1]
+            longest = max(map(len, middle), default=0) + 1
+            if longest > limit + 1:
+                return True
+            if longest == limit + 1 and any(len(p) == limit and p[:1] != b"." for p in middle):
+                return True
+            self._line_len = 0
+            self._line_dot = pieces[-1][:1] == b"."
+        self._line_len += len(pieces[-1])
+        # An unfinished line still needs at least its LF.
+        return self._line_len + 1 > limit + self._line_dot
 
 
 def unstuff(body: bytes) -> bytes:

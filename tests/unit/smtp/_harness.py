@@ -61,7 +61,9 @@ class Driver:
         self.reader = ReplyReader()
         self.replies: list[Reply] = []       # the wire parsed back, in order
         if self.greet:
-            self.pump()
+            greeting = self.conn.pending          # pending from the start; next_event() never returns it
+            assert isinstance(greeting, Greeting)
+            self.answer(greeting)
 
     def pump(self) -> list[tuple[object, Reply | None]]:
         """Handle events until the machine needs data; return the new (event, reply) pairs."""
@@ -70,13 +72,16 @@ class Driver:
             event = self.conn.next_event()
             if isinstance(event, Sentinel):
                 break
-            reply = self.policy(self.conn, event)  # type: ignore[operator]
-            if reply is not None:
-                out = self.conn.send(reply)
-                self.wire += out
-                self.replies.extend(self.reader.feed(out))
-            self.trace.append((event, reply))
+            self.answer(event)
         return self.trace[start:]
+
+    def answer(self, event: object) -> None:
+        reply = self.policy(self.conn, event)  # type: ignore[operator]
+        if reply is not None:
+            out = self.conn.send(reply)
+            self.wire += out
+            self.replies.extend(self.reader.feed(out))
+        self.trace.append((event, reply))
 
     def feed(self, data: bytes) -> list[tuple[object, Reply | None]]:
         self.conn.receive_data(data)

@@ -74,8 +74,8 @@ class Metrics:
             "vipd_transaction_duration_seconds", "From MAIL to the final reply after DATA",
             buckets=_LATENCY_BUCKETS, registry=r)
         self.backend_delivery = Histogram(
-            "vipd_backend_delivery_duration_seconds", "From end of DATA to the backends' final reply",
-            ["pool"], buckets=_LATENCY_BUCKETS, registry=r)
+            "vipd_backend_delivery_duration_seconds", "From writing the body to a backend's final reply",
+            ["pool", "server"], buckets=_LATENCY_BUCKETS, registry=r)
         self.backend_failures = Counter("vipd_backend_failures", "Backend connections that failed",
                                         ["pool", "server"], registry=r)
         self.config_reloads = Counter("vipd_config_reloads", "Configuration reloads", ["result"],

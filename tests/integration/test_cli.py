@@ -58,3 +58,14 @@ def test_lab_once_delivers_the_sample_and_stops_everything(tmp_path):
     # Nothing left running: the sinks' logs end and no process holds the store.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
+
+
+def test_vipctl_show_reads_the_admin_listener(lab):
+    from support import pool_config
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a))
+    out = subprocess.run([PYTHON, "-m", "vipd.vipctl", "--admin", f"http://127.0.0.1:{vipd.admin_port}", "show"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"server {a.address} address={a.address}" in out.stdout
+    assert "pool incoming balance=roundrobin" in out.stdout

@@ -196,6 +196,7 @@ def test_metrics_endpoint(lab):
     assert f'vipd_server_selected_total{{pool="incoming",server="{a.address}"}} 1.0' in text
     assert "vipd_transaction_duration_seconds_bucket" in text
     assert 'vipd_replies_total{code="250",listener="mx"}' in text
+    assert f'vipd_backend_delivery_duration_seconds_count{{pool="incoming",server="{a.address}"}} 1.0' in text
 
 
 def test_logs_one_line_per_transaction_and_session(lab):

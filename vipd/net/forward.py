@@ -51,6 +51,7 @@ class Part:
     result: Reply | None = None
     attempts: int = 0
     server: str = ""
+    delivery_seconds: float | None = None
 
 
 class Transaction:
@@ -202,7 +203,9 @@ class Transaction:
                     self._reset(part.pool, lease)
                     part.lease = None
                     return
+                started = time.monotonic()
                 final = await self._send_body(lease, body, header)
+                part.delivery_seconds = time.monotonic() - started
             except BackendError as exc:
                 self._lost(part, exc)
                 continue

@@ -228,6 +228,10 @@ class Session(asyncio.Protocol):
         finally:
             body.close()
             self.body = None
+        delivery = self.daemon.metrics.backend_delivery
+        for part in txn.parts.values():
+            if part.delivery_seconds is not None:
+                delivery.labels(part.pool.name, part.server).observe(part.delivery_seconds)
         outcome = "relayed" if reply.code == 250 else ("deferred" if reply.is_transient else "rejected")
         self._end_transaction(outcome, reply, event.size)
         return reply

@@ -51,9 +51,11 @@ class ReplyReader:
         out: list[Reply] = []
         while True:
             nl = self._buf.find(b"\n")
+            # The limit is on the line (without its CRLF), however the bytes were cut.
+            end = nl if nl >= 0 else len(self._buf)
+            if end - (1 if end and self._buf[end - 1] == 0x0D else 0) > MAX_REPLY_LINE:
+                raise RemoteProtocolError("reply line too long")
             if nl < 0:
-                if len(self._buf) > MAX_REPLY_LINE:
-                    raise RemoteProtocolError("reply line too long")
                 return out
             raw = bytes(self._buf[:nl]).rstrip(b"\r")
             del self._buf[: nl + 1]
@@ -84,8 +86,14 @@ def split_status(code: int, lines: list[str]) -> Reply:
     status = None
     if match and match.group(1) == str(code)[0]:
         status = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
-        lines = [_STATUS.sub("", line, count=1) if line.startswith(status) else line for line in lines]
+        lines = [_without_status(line, status) for line in lines]
     return Reply(code, status, "\n".join(lines))
+
+
+def _without_status(line: str, status: str) -> str:
+    """Drop ``status`` from the start of a line; a line starting with another status keeps it."""
+    match = _STATUS.match(line)
+    return line[match.end():] if match and match.group(0).rstrip(" ") == status else line
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:

@@ -156,6 +156,8 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool) -> Addres
         if not text.endswith(">"):
             return None
         inner = text[1:-1]
+    elif not text:
+        return None           # "MAIL FROM:" with nothing: the null path must be written <>
     else:
         inner = text
     if inner == "":

@@ -214,10 +214,11 @@ class ServerConnection:
         self._data = None
         return ConnectionClosed(in_data)
 
-    def _violation(self, reply: Reply, kind: str | None = None) -> ProtocolViolation:
-        self.errors += 1
-        if self.errors >= self.limits.max_errors:
-            reply = replies.TOO_MANY_ERRORS
+    def _violation(self, reply: Reply, kind: str | None = None, *, counted: bool = True) -> ProtocolViolation:
+        if counted:
+            self.errors += 1
+            if self.errors >= self.limits.max_errors:
+                reply = replies.TOO_MANY_ERRORS
         event = ProtocolViolation(reply, kind or _KIND.get(reply, "sequence"))
         self._pending = event
         return event
@@ -236,7 +237,9 @@ class ServerConnection:
         if kind is RcptTo:
             self.rcpt_attempts += 1
             if self.rcpt_count >= self.limits.max_recipients:
-                return self._violation(replies.TOO_MANY_RCPTS, kind="too_many_recipients")
+                # Not an error: RFC 5321 4.5.3.1.10 has the client deliver to the accepted recipients
+                # and retry the rest, so a long pipelined list must not spend the error budget.
+                return self._violation(replies.TOO_MANY_RCPTS, kind="too_many_recipients", counted=False)
         self._pending = cmd
         return cmd
 

@@ -66,7 +66,8 @@ class SinkApp(App):
         msg_id = f"{self._prefix}-{next(self._seq):06d}"
         envelope = {"id": msg_id, "sink": self.name, "mail_from": env.sender, "rcpt_to": env.recipients,
                     "client_ip": env.client_ip, "peer_ip": env.peer_ip, "helo": env.helo,
-                    "xclient": env.xclient, "received_at": env.received_at, "size": len(body)}
+                    "xclient": env.xclient, "received_at": env.received_at, "size": len(body),
+                    "connection": env.connection}
         data = json.dumps(envelope).encode() + b"\n" + body
         final = self.store / f"{msg_id}.eml"
         tmp = self.store / f".{msg_id}.tmp"

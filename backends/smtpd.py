@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import signal
 import time
 from collections.abc import Awaitable
@@ -34,6 +35,7 @@ class Envelope:
     xclient: dict[str, str] = field(default_factory=dict)
     peer_ip: str = ""          # the TCP peer (the proxy, when XCLIENT named another client)
     received_at: float = 0.0
+    connection: int = 0        # which TCP connection of this server's life carried the message
 
 
 class App:
@@ -54,6 +56,9 @@ class App:
         return replies.OK
 
 
+_connections = itertools.count(1)
+
+
 class SmtpServerProtocol(asyncio.Protocol):
     def __init__(self, app: App) -> None:
         self.app = app
@@ -72,7 +77,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         if trusted:
             limits = Limits(**{**{f: getattr(limits, f) for f in limits.__slots__}, "xclient": True})
         self.conn = ServerConnection(limits)
-        self.env = Envelope(ip, port, peer_ip=ip)
+        self.env = Envelope(ip, port, peer_ip=ip, connection=next(_connections))
         self.transport.write(self.conn.send(replies.greeting(self.app.banner())))
 
     def data_received(self, data: bytes) -> None:

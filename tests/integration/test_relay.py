@@ -264,3 +264,67 @@ def test_relay_backend_forwards_to_its_next_hop(lab):
     # Two trace headers: the relay's, then vipd's (which the relay got with XCLIENT facts).
     assert msg.body.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby relay.vipd.test")
     assert b"by mx.vipd.test (vipd)" in msg.body and msg.body.endswith(b"relayed body\r\n")
+
+
+def test_backend_connections_are_reused_across_transactions_and_sessions(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a))
+    for _ in range(3):
+        with vipd.smtp() as smtp:
+            for i in range(3):
+                smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {i}\r\n\r\nx\r\n")
+    got = wait_for(lambda: len(a.messages()) == 9 and a.messages())
+    assert len({m.envelope["connection"] for m in got}) == 1
+
+
+def test_idle_backend_connections_expire(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a, extra_pool="idle_timeout_seconds = 0.5"))
+    with vipd.smtp() as smtp:
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: 1\r\n\r\nx\r\n")
+        import time as _time
+        _time.sleep(2.0)                      # longer than the idle timeout plus a sweep
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: 2\r\n\r\nx\r\n")
+    got = wait_for(lambda: len(a.messages()) == 2 and a.messages())
+    assert got[0].envelope["connection"] != got[1].envelope["connection"]
+
+
+def test_null_sender_and_postmaster_are_accepted(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a))
+    with vipd.smtp() as smtp:
+        smtp.ehlo()
+        assert smtp.mail("<>")[0] == 250
+        assert smtp.rcpt("<postmaster>")[0] == 250
+        assert smtp.data(b"Subject: bounce\r\n\r\nbounce\r\n")[0] == 250
+    [msg] = wait_for(lambda: a.messages())
+    assert msg.envelope["mail_from"] == "" and msg.envelope["rcpt_to"] == ["postmaster"]
+
+
+def test_backup_server_takes_over_only_when_primaries_are_gone(lab):
+    primary, backup = lab.sink("primary"), lab.sink("backup")
+    text = pool_config(primary).replace(
+        f'servers = ["{primary.address}"]',
+        f'servers = ["{primary.address}", {{ address = "{backup.address}", backup = true }}]')
+    vipd = lab.vipd(text)
+    with vipd.smtp() as smtp:
+        for i in range(3):
+            smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {i}\r\n\r\nx\r\n")
+    assert len(wait_for(lambda: len(primary.messages()) == 3 and primary.messages())) == 3
+    assert backup.messages() == []
+    primary.proc.stop()
+    with vipd.smtp() as smtp:
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: b\r\n\r\nto backup\r\n")
+    [msg] = wait_for(lambda: backup.messages())
+    assert msg.body.endswith(b"to backup\r\n")
+
+
+def test_weights_shape_the_split(lab):
+    a, b = lab.sink("a"), lab.sink("b")
+    text = pool_config(a, b).replace(f'"{b.address}"', f'{{ address = "{b.address}", weight = 2 }}')
+    vipd = lab.vipd(text)
+    with vipd.smtp() as smtp:
+        for i in range(9):
+            smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {i}\r\n\r\nx\r\n")
+    wait_for(lambda: len(a.messages()) + len(b.messages()) == 9)
+    assert (len(a.messages()), len(b.messages())) == (3, 6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from vipd.smtp import replies
 from vipd.smtp.client import ReplyReader
@@ -23,7 +23,7 @@ from vipd.smtp.server import (ConnectionClosed, Limits, MessageComplete, ServerC
                               standard_reply)
 
 LIMITS = Limits(max_command_line_bytes=512, max_text_line_bytes=200, max_message_bytes=2000,
-                max_recipients=3, max_errors=8)
+                max_recipients=3, max_errors=12)
 
 
 # --- the system under test, driven like the adapter does ---------------------------------------
@@ -250,6 +250,14 @@ class SmtpSession(RuleBasedStateMachine):
             body = b"".join(e.data for e in new if isinstance(e, BodyChunk))
             assert unstuff(body) == (b"" if raw is None else unstuff(raw + b"\r\n"))
 
+    @rule(raw=BODIES, rcpts=st.integers(min_value=1, max_value=4))
+    def transaction(self, raw, rcpts):
+        """A whole transaction, one command at a time (what most clients do)."""
+        self.mail("a@example.org", None)
+        for _ in range(rcpts):
+            self.rcpt("b@example.net")
+        self.data(raw)
+
     @rule()
     def rset(self):
         self.check(b"RSET\r\n", self.expect(self.model.rset))
@@ -262,6 +270,7 @@ class SmtpSession(RuleBasedStateMachine):
     def vrfy(self):
         self.check(b"VRFY someone\r\n", self.expect(lambda: 252))
 
+    @precondition(lambda self: len(self.events) > 25)        # let most sessions run a while first
     @rule()
     def quit(self):
         self.check(b"QUIT\r\n", self.expect(self.model.quit))
@@ -317,6 +326,6 @@ class SmtpSession(RuleBasedStateMachine):
 
 
 TestSmtpSession = SmtpSession.TestCase
-TestSmtpSession.settings = settings(max_examples=120, stateful_step_count=30, deadline=None,
+TestSmtpSession.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow,
                                                            HealthCheck.filter_too_much])

@@ -66,6 +66,7 @@ class Transaction:
         self.started = time.monotonic()
         self.data_started = 0.0
         self.body_done = 0.0
+        self.aborted = False
 
     # --- envelope ----------------------------------------------------------------------------
     async def add_rcpt(self, pool: PoolRuntime, rcpt: Address) -> Reply:
@@ -94,12 +95,18 @@ class Transaction:
             if lease is None:
                 part.failed = replies.NO_BACKEND
                 return part.failed
+            if self.aborted:
+                part.pool.give_back(lease, reusable=True)
+                return replies.LOCAL_ERROR
             try:
                 got = await self._envelope(part.pool, lease, wanted)
             except BackendError as exc:
                 part.tried.add(lease.backend.name)
                 part.pool.fail(lease, exc)
                 continue
+            if self.aborted:
+                self._reset(part.pool, lease)
+                return replies.LOCAL_ERROR
             mail_reply, rcpt_replies = got[0], got[1:]
             if not mail_reply.is_positive:
                 self._reset(part.pool, lease)
@@ -141,7 +148,8 @@ class Transaction:
             return
         reply = await conn.command(xclient_command(attrs))
         if reply.code != 220:
-            # The backend does not trust us with XCLIENT: carry on without it.
+            # The backend does not trust us with XCLIENT: carry on without it, and stop asking.
+            conn.extensions.pop("XCLIENT", None)
             return
         await conn.ehlo(self.helo_name)
 
@@ -207,6 +215,9 @@ class Transaction:
                 final = await self._send_body(lease, body, header)
                 part.delivery_seconds = time.monotonic() - started
             except BackendError as exc:
+                if self.aborted:        # we closed it: the client is gone, replay nothing
+                    part.result = replies.LOCAL_ERROR
+                    return
                 self._lost(part, exc)
                 continue
             lease.conn.transactions += 1
@@ -236,6 +247,7 @@ class Transaction:
     # --- end ---------------------------------------------------------------------------------
     def abort(self) -> None:
         """The client went away or reset: release every part without delivering anything."""
+        self.aborted = True
         for part in self.parts.values():
             lease, part.lease = part.lease, None
             if lease is None:

@@ -73,6 +73,7 @@ class Session(asyncio.Protocol):
         self._busy = False
         self._paused = False
         self._closed = False
+        self._lost = False
         self._replies = daemon.reply_counter(vip.name)
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -103,9 +104,11 @@ class Session(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self.conn.receive_data(b"")
-        if not self._busy:
-            self._pump()
+        if self._busy:
+            return          # the pending step finishes first, then _await ends the session
+        self._pump()
         self._finish_session()
 
     # --- the event loop of one session --------------------------------------------------------
@@ -142,6 +145,9 @@ class Session(asyncio.Protocol):
             self._crash()
             return
         self._busy = False
+        if self._lost:
+            self._finish_session()
+            return
         if self._closed:
             return
         self._reply(reply)
@@ -332,6 +338,8 @@ class Session(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         if self._closed:
             return
+        if self._busy:
+            return          # waiting for a backend, whose own timeouts bound the wait
         if now - self.started > self.vip.session_timeout_seconds:
             self.say_and_close(replies.SESSION_TIMEOUT, "c" + self._phase(False))
             return

@@ -328,3 +328,17 @@ def test_weights_shape_the_split(lab):
             smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {i}\r\n\r\nx\r\n")
     wait_for(lambda: len(a.messages()) + len(b.messages()) == 9)
     assert (len(a.messages()), len(b.messages())) == (3, 6)
+
+
+def test_ehlo_in_a_transaction_abandons_it(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a))
+    with vipd.smtp() as smtp:
+        smtp.ehlo()
+        smtp.mail("old@example.org")
+        assert smtp.rcpt("dropped@example.com")[0] == 250
+        smtp.ehlo("again.test")
+        smtp.sendmail("new@example.org", ["kept@example.com"], "Subject: n\r\n\r\nx\r\n")
+    [msg] = wait_for(lambda: a.messages())
+    assert msg.envelope["mail_from"] == "new@example.org"
+    assert msg.envelope["rcpt_to"] == ["kept@example.com"]

@@ -326,6 +326,6 @@ class SmtpSession(RuleBasedStateMachine):
 
 
 TestSmtpSession = SmtpSession.TestCase
-TestSmtpSession.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
+TestSmtpSession.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow,
                                                            HealthCheck.filter_too_much])

@@ -174,10 +174,12 @@ class Session(asyncio.Protocol):
             return self._mail(event)
         if kind is Data:
             return self._data()
-        if kind is Ehlo:
+        if kind is Ehlo or kind is Helo:
+            # RFC 5321 4.1.4: a new EHLO/HELO ends any transaction in progress, as RSET would.
+            self._end_transaction("abandoned")
+            if kind is Helo:
+                return replies.helo_reply(self.vip.hostname)
             return replies.ehlo_reply(self.vip.hostname, self.conn.ehlo_keywords())
-        if kind is Helo:
-            return replies.helo_reply(self.vip.hostname)
         if kind is ProtocolViolation:
             self.daemon.metrics.protocol_errors.labels(event.kind).inc()
             self.log.info(f"{self.sid}: protocol error " + fmt(client=self._client(),

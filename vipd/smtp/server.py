@@ -75,7 +75,7 @@ class LocalProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_command_line_bytes: int = 2048
+    max_command_line_bytes: int = 2048    # including CRLF, as RFC 5321 4.5.3.1.4 counts it
     max_text_line_bytes: int = 1000       # including CRLF; 0 disables the check
     max_message_bytes: int = 10 * 1024 * 1024
     max_recipients: int = 100
@@ -215,11 +215,12 @@ class ServerConnection:
         return ConnectionClosed(in_data)
 
     def _violation(self, reply: Reply, kind: str | None = None, *, counted: bool = True) -> ProtocolViolation:
+        kind = kind or _KIND.get(reply, "sequence")      # what the client did, even if answered 421
         if counted:
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 reply = replies.TOO_MANY_ERRORS
-        event = ProtocolViolation(reply, kind or _KIND.get(reply, "sequence"))
+        event = ProtocolViolation(reply, kind)
         self._pending = event
         return event
 
@@ -260,6 +261,8 @@ class ServerConnection:
         event = self._pending
         if event is None:
             raise LocalProtocolError(f"no command to answer with {reply}")
+        if isinstance(event, Data) and reply.code == 250:
+            raise LocalProtocolError("DATA must be answered with 354 or an error")
         self._pending = None
         if reply.code == 421 or isinstance(event, Quit):
             self.state = State.CLOSED
@@ -298,8 +301,6 @@ class ServerConnection:
                 self.state = State.DATA
                 lim = self.limits
                 self._data = DataReader(lim.max_message_bytes, lim.max_text_line_bytes, lim.reject_nul)
-            elif reply.code == 250:
-                raise LocalProtocolError("DATA must be answered with 354 or an error")
         elif isinstance(event, (MessageComplete, Rset)):
             self._reset_transaction()
         elif isinstance(event, Xclient):

@@ -80,7 +80,7 @@ def run(stream: bytes, cuts: list[int], eof: bool) -> Driver:
     return d
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.data_too_large])
 @given(SESSION, st.data(), st.booleans())
 def test_any_chunking_gives_the_same_events_and_replies(stream, data, eof):
@@ -105,7 +105,8 @@ def test_byte_at_a_time(stream):
     assert bytes(single.wire) == bytes(whole.wire)
 
 
-_VALID_LINE = st.binary(max_size=997).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b""))
+_VALID_LINE = st.binary(max_size=997).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b""))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -276,3 +276,60 @@ def test_body_roundtrip_any_chunking(lines, cuts):
     assert done and r.error is None and bytes(rest) == b"NEXT\r\n"
     assert unstuff(body) == original and r.size == len(original)
     assert all(p for p in pieces)               # no empty chunks handed out
+
+
+def _verdict(body: bytes, max_line: int, max_bytes: int, reject_nul: bool):
+    """An independent reading of the rules, for a whole body that ends in CRLF."""
+    if reject_nul and b"\x00" in body:
+        return replies.NUL_IN_DATA
+    crlf = body.count(b"\r\n")
+    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
+        return replies.BARE_LINE_ENDING
+    lines = body.split(b"\r\n")[:-1]
+    if sum(len(line) + 2 - line.startswith(b".") for line in lines) > max_bytes:
+        return replies.TOO_BIG
+    if max_line and any(len(line) + 2 > max_line + line.startswith(b".") for line in lines):
+        return replies.DATA_LINE_TOO_LONG
+    return None
+
+
+_PIECES = st.sampled_from([b"\r\n", b".", b"a", b"bb", b"x" * 7, b"y" * 8, b"\x00", b"\n", b"\r"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=20).map(b"".join), st.sampled_from([0, 5, 10, 12]),
+       st.sampled_from([5, 20, 1000]), st.booleans(),
+       st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_verdict_matches_the_rules_whatever_the_chunking(body, max_line, max_bytes, reject_nul, cuts):
+    wire = body + b"\r\n.\r\n"
+    if wire.find(b"\r\n.\r\n") != len(body) or wire.startswith(b".\r\n"):
+        return                                  # the body would end earlier: not this test's subject
+    points = sorted({c for c in cuts if 0 < c < len(wire)})
+    r = reader(max_bytes=max_bytes, max_line=max_line, reject_nul=reject_nul)
+    joined, done, rest, _ = read_all(r, *[wire[a:b] for a, b in zip([0, *points], [*points, len(wire)])])
+    assert done and rest == b""
+    assert r.error == _verdict(body + b"\r\n", max_line, max_bytes, reject_nul)
+    assert r.size == len(body) + 2 - body.count(b"\r\n.") - body.startswith(b".")
+    if r.error is None:
+        assert joined == body + b"\r\n"
+
+
+@pytest.mark.parametrize("dotted", [False, True])
+@pytest.mark.parametrize("octets", [11, 12, 13, 14])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_line_limit_boundary_every_split(dotted, octets, where):
+    """max_line=12: a line of 12 octets (13 if it starts with the stuffing dot) passes, one more fails,
+    wherever the line sits and wherever the stream is cut (one or two cuts)."""
+    line = (b"." if dotted else b"") + b"L" * (octets - 2 - dotted) + b"\r\n"
+    assert len(line) == octets
+    body = {"first": line + b"ab\r\n", "middle": b"ab\r\n" + line + b"cd\r\n", "last": b"ab\r\n" + line}[where]
+    expected = None if octets <= 12 + dotted else replies.DATA_LINE_TOO_LONG
+    assert _verdict(body, 12, 1000, True) == expected
+    wire = body + b".\r\n"
+    splits = [()] + [(i,) for i in range(1, len(wire))] + [(i, j) for i in range(1, len(wire), 3)
+                                                           for j in range(i + 1, len(wire), 2)]
+    for cut in splits:
+        points = [0, *cut, len(wire)]
+        r = reader(max_line=12)
+        _, done, _, _ = read_all(r, *[wire[a:b] for a, b in zip(points, points[1:])])
+        assert done and r.error == expected, cut

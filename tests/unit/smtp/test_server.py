@@ -6,7 +6,7 @@ import pytest
 
 from vipd.smtp import replies
 from vipd.smtp.client import ReplyReader, mail_command, parse_ehlo, rcpt_command
-from vipd.smtp.commands import (Address, Data, Ehlo, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset,
+from vipd.smtp.commands import (Address, Data, Ehlo, Expn, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset,
                                 Unknown, Vrfy, Xclient)
 from vipd.smtp.lines import BodyChunk, unstuff
 from vipd.smtp.replies import Reply
@@ -172,6 +172,19 @@ def test_data_refused_by_policy_keeps_the_transaction():
     assert d.replies[-1].code == 451 and d.conn.state is State.RCPT
 
 
+@pytest.mark.parametrize("cls", [MailFrom, RcptTo, Noop, MessageComplete])
+def test_any_421_answer_closes(cls):
+    """A 421 from the adapter (shutting down, backend trouble) ends the session, whatever it answered."""
+    def policy(conn, event):
+        from ._harness import accept_all
+        return replies.SHUTTING_DOWN if isinstance(event, cls) else accept_all(conn, event)
+
+    d = Driver(policy=policy)
+    pairs = d.feed(ENVELOPE.replace(b"DATA\r\n", b"NOOP\r\nDATA\r\nx\r\n.\r\n") + b"NOOP\r\nRSET\r\n")
+    assert pairs[-1][1] == replies.SHUTTING_DOWN and isinstance(pairs[-1][0], cls)
+    assert d.conn.closed and d.conn.next_event() is NEED_DATA
+
+
 def test_data_answered_250_is_a_local_error():
     d = Driver()
     d.feed(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
@@ -233,7 +246,7 @@ def test_commands_allowed_at_any_time():
     d = Driver()
     d.feed(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
     pairs = d.feed(b"NOOP\r\nVRFY x\r\nEXPN y\r\nHELP\r\n")
-    assert [type(e) for e, _ in pairs] == [Noop, Vrfy, type(pairs[2][0]), Help]
+    assert [type(e) for e, _ in pairs] == [Noop, Vrfy, Expn, Help]
     assert codes(pairs) == [250, 252, 502, 214]
     assert d.conn.state is State.RCPT                    # none of them touched the transaction
 
@@ -297,6 +310,34 @@ def test_long_line_is_never_executed_truncated(split):
         pairs += d.feed(chunk)
     assert not only([e for e, _ in pairs], Quit) and not d.conn.closed
     assert [r for _, r in pairs] == [replies.LINE_TOO_LONG, replies.RSET_OK]
+
+
+@pytest.mark.parametrize("limit", [512, 2048])
+@pytest.mark.parametrize("split", [None, "at-limit", "bytes"])
+def test_tail_past_the_limit_is_not_a_command(limit, split):
+    """A reader that cut the line at the limit would run the tail: here the tail is a QUIT."""
+    data = b"NOOP " + b"x" * (limit - 5) + b"QUIT\r\nNOOP\r\n"
+    assert data[limit:limit + 6] == b"QUIT\r\n"
+    d = Driver(limits=Limits(max_command_line_bytes=limit))
+    if split is None:
+        chunks = [data]
+    elif split == "at-limit":
+        chunks = [data[:limit], data[limit:]]
+    else:
+        chunks = [data[i:i + 1] for i in range(len(data))]
+    for chunk in chunks:
+        d.feed(chunk)
+    assert [r for _, r in d.trace[1:]] == [replies.LINE_TOO_LONG, replies.NOOP_OK]
+    assert not only(d.events(), Quit) and not d.conn.closed
+
+
+def test_eof_after_pipelined_quit():
+    d = Driver()
+    d.conn.receive_data(ENVELOPE + b"body\r\n.\r\nQUIT\r\n")
+    d.conn.receive_data(b"")
+    pairs = d.pump()
+    assert [type(e) for e, _ in pairs][-3:] == [BodyChunk, MessageComplete, Quit]
+    assert d.replies[-2:] == [replies.OK, replies.BYE] and d.conn.closed
 
 
 def test_long_line_that_looks_like_commands_inside():
@@ -378,6 +419,8 @@ def test_error_limit_counts_every_kind():
     pairs = d.feed(b"BOGUS\r\nNOOP\nMAIL FROM:<a@b.example>\r\n" + b"x" * 3000 + b"\r\nNOOP\r\n")
     assert [r for _, r in pairs] == [replies.UNKNOWN_COMMAND, replies.BARE_LF_COMMAND, replies.NEED_HELO,
                                      replies.TOO_MANY_ERRORS]
+    # The event still says what the client did (for vipd_protocol_errors_total{kind}).
+    assert [e.kind for e, _ in pairs] == ["unknown_command", "bare_lf", "sequence", "line_too_long"]
     assert d.conn.closed
 
 

@@ -46,9 +46,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
         return 1
     _loop_policy(not args.no_uvloop)
+    if cfg.workers > 1:
+        from .net.workers import run_supervisor
+        return run_supervisor(cfg)
 
     async def main() -> None:
         await Daemon(cfg).run()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One of several workers, started by the supervisor with its listening sockets."""
+    from . import config
+    from .log import LogBuffer
+    from .metrics import Metrics
+    from .net.daemon import Daemon
+    from .net.workers import parse_fd_args
+    cfg = config.load(Path(args.config))
+    _loop_policy(True)
+    sockets = parse_fd_args(args.fd)
+
+    async def main() -> None:
+        log = LogBuffer(level=cfg.log_level, name=f"vipd[{args.index}]")
+        await Daemon(cfg, log, Metrics(), worker=args.index, listen_sockets=sockets).run()
 
     asyncio.run(main())
     return 0
@@ -68,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True, help="TOML configuration file")
     run.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     run.set_defaults(func=cmd_run)
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--fd", action="append", default=[])
+    worker.set_defaults(func=cmd_worker)
     check = sub.add_parser("check-config", help="validate a configuration file; lists every error")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)

@@ -373,14 +373,6 @@ def _check_text_line_limit(value: int) -> int:
     return value
 
 
-def _check_workers(value: int) -> int:
-    # Several processes on one listener need per-process spool partitions and metrics that add
-    # up across processes; until both exist, one process serves every VIP.
-    if value != 1:
-        _fail(f"only 1 is supported in this version (one process serves every VIP), got {value}")
-    return value
-
-
 def _server_shorthand(value: object) -> object:
     """Expand the shorthand "host:port" into { address = "host:port" }."""
     if isinstance(value, str):
@@ -404,7 +396,6 @@ Positive = Annotated[int, Field(ge=1)]
 # Range checks with an RFC-citing reason rather than pydantic's bare "must be >= N".
 CommandLineLimit = Annotated[int, AfterValidator(_check_command_line_limit)]
 TextLineLimit = Annotated[int, AfterValidator(_check_text_line_limit)]
-Workers = Annotated[int, AfterValidator(_check_workers)]
 # TOML arrays arrive as lists; strict mode would refuse them for tuple fields, items stay strict.
 Array = partial(Field, strict=False)
 
@@ -435,7 +426,7 @@ class _PoolTable(_Schema):
     data_init_timeout_seconds: Seconds = 120.0
     data_block_timeout_seconds: Seconds = 180.0
     data_done_timeout_seconds: Seconds = 600.0
-    max_idle_per_server: Annotated[int, Field(ge=0)] = 8
+    max_idle_per_server: Annotated[int, Field(ge=0)] = 64
     idle_timeout_seconds: Seconds = 30.0
     max_transactions_per_connection: Positive = 1000
 
@@ -464,7 +455,7 @@ class _AdminTable(_Schema):
 
 
 class _Document(_Schema):
-    workers: Workers = 1
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     spool_dir: PathText | None = None
     nameservers: Annotated[tuple[Nameserver, ...], Array(min_length=1)] | None = None
     log_level: LogLevel = "info"

@@ -35,8 +35,9 @@ def fmt(**fields: object) -> str:
 class LogBuffer:
     """Collects lines and writes them out in batches."""
 
-    def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
+    def __init__(self, stream: TextIO | None = None, level: str = "info", name: str = "vipd") -> None:
         self.stream = stream or sys.stderr
+        self.name = name
         self.level = _LEVELS.get(level, 20)
         self._lines: list[str] = []
         self._handle: asyncio.TimerHandle | None = None
@@ -61,7 +62,7 @@ class LogBuffer:
         if level < self.level:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-        self._lines.append(f"{stamp} vipd: {line}\n")
+        self._lines.append(f"{stamp} {self.name}: {line}\n")
         if self._handle is None:
             try:
                 loop = asyncio.get_running_loop()

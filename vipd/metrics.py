@@ -57,7 +57,7 @@ class Metrics:
         r = self.registry
         self.sessions = Counter("vipd_sessions", "Client sessions accepted", ["listener"], registry=r)
         self.sessions_active = Gauge("vipd_sessions_active", "Client sessions open", ["listener"],
-                                     registry=r)
+                                     registry=r, multiprocess_mode="livesum")
         self.sessions_refused = Counter("vipd_sessions_refused", "Connections refused at connect",
                                         ["listener", "reason"], registry=r)
         self.session_duration = Histogram("vipd_session_duration_seconds", "Client session duration",
@@ -80,10 +80,44 @@ class Metrics:
                                         ["pool", "server"], registry=r)
         self.config_reloads = Counter("vipd_config_reloads", "Configuration reloads", ["result"],
                                       registry=r)
+        self._selected: Counter | None = None
+        self._last_selected: dict[tuple[str, str], int] = {}
         for outcome in ("relayed", "rejected", "deferred"):
             self.messages.labels(outcome)
         for result in ("ok", "failed"):
             self.config_reloads.labels(result)
 
     def watch_pools(self, pools: Callable[[], Iterable[object]]) -> None:
+        """Single process: read the pools at scrape time."""
         self.registry.register(_PoolCollector(pools))
+
+    def snapshot_pools(self, pools: Iterable[object]) -> None:
+        """Several workers: copy each worker's pool state into metrics that add up across processes.
+
+        Called once a second by each worker; counters advance by what was picked since the last call.
+        """
+        if self._selected is None:
+            r = self.registry
+            labels = ["pool", "server"]
+            self._selected = Counter("vipd_server_selected", "Times the balancer picked a server",
+                                     labels, registry=r)
+            self._active = Gauge("vipd_server_active_transactions", "Transactions in flight on a server",
+                                 labels, registry=r, multiprocess_mode="livesum")
+            self._up = Gauge("vipd_server_up", "1 if the server may take transactions", labels,
+                             registry=r, multiprocess_mode="min")
+            self._weight = Gauge("vipd_server_weight", "Configured weight", labels, registry=r,
+                                 multiprocess_mode="max")
+            self._idle = Gauge("vipd_backend_idle_connections", "Idle connections kept for reuse",
+                               labels, registry=r, multiprocess_mode="livesum")
+        for pool in pools:
+            stats = pool.balancer.statistics()  # type: ignore[attr-defined]
+            for s in stats.servers:
+                key = (stats.name, s.name)
+                delta = s.selected - self._last_selected.get(key, 0)
+                self._last_selected[key] = s.selected
+                if delta > 0:
+                    self._selected.labels(*key).inc(delta)
+                self._active.labels(*key).set(s.active)
+                self._up.labels(*key).set(1 if s.usable else 0)
+                self._weight.labels(*key).set(s.weight)
+                self._idle.labels(*key).set(pool.idle_count(s.name))  # type: ignore[attr-defined]

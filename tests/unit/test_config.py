@@ -304,7 +304,7 @@ def test_pool_defaults(tmp_path: Path) -> None:
         600.0,
     )
     assert (pool.max_idle_per_server, pool.idle_timeout_seconds, pool.max_transactions_per_connection) == (
-        8,
+        64,
         30.0,
         1000,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -33,8 +34,13 @@ SWEEP_SECONDS = 1.0
 
 class Daemon:
     def __init__(self, config: Config, log: LogBuffer | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, worker: int | None = None,
+                 listen_sockets: dict[tuple[str, str, int], socket.socket] | None = None) -> None:
+        """``worker``/``listen_sockets``: run as one of several workers on sockets bound by the
+        supervisor (vipd.net.workers); a lone daemon binds its own and serves the admin listener."""
         self.config = config
+        self.worker = worker
+        self._inherited = dict(listen_sockets or {})
         self.log = log or LogBuffer(level=config.log_level)
         self.metrics = metrics or Metrics()
         self.pools: dict[str, PoolRuntime] = {}
@@ -50,7 +56,8 @@ class Daemon:
         self._date = (0, "")
         self._admin = None
         self._apply(config)
-        self.metrics.watch_pools(lambda: list(self.pools.values()))
+        if worker is None:
+            self.metrics.watch_pools(lambda: list(self.pools.values()))
 
     # --- configuration -----------------------------------------------------------------------
     def _apply(self, config: Config) -> None:
@@ -153,13 +160,20 @@ class Daemon:
             if key in self._servers:
                 continue
             name, host, port = key
-            server = await loop.create_server(lambda n=name: self._new_session(n), host, port,
-                                              reuse_address=True, backlog=1024)
+            factory = lambda n=name: self._new_session(n)  # noqa: E731
+            sock = self._inherited.pop(key, None)
+            if sock is not None:
+                server = await loop.create_server(factory, sock=sock, backlog=1024)
+            else:
+                # A worker binds new addresses itself, beside its siblings (SO_REUSEPORT).
+                server = await loop.create_server(factory, host, port, reuse_address=True,
+                                                  reuse_port=self.worker is not None, backlog=1024)
             self._servers[key] = server
             for sock in server.sockets:
                 bound = sock.getsockname()
                 self.bound.setdefault(name, []).append((bound[0], bound[1]))
-                self.log.info("listening " + fmt(vip=name, address=_addr(bound[0], bound[1])))
+                if self.worker is None:     # the supervisor says it once for all workers
+                    self.log.info("listening " + fmt(vip=name, address=_addr(bound[0], bound[1])))
         self.log.flush()
 
     def _new_session(self, vip_name: str) -> Session:
@@ -171,7 +185,7 @@ class Daemon:
     # --- run and stop ------------------------------------------------------------------------
     async def start(self) -> None:
         await self._sync_listeners()
-        if self.config.admin is not None:
+        if self.config.admin is not None and self.worker is None:
             from ..admin import start_admin
             self._admin = await start_admin(self, self.config.admin.listen.host,
                                             self.config.admin.listen.port)
@@ -186,6 +200,8 @@ class Daemon:
                 session.check_timeouts(now)
             for pool in self.pools.values():
                 pool.expire_idle()
+            if self.worker is not None:
+                self.metrics.snapshot_pools(self.pools.values())
 
     def request_stop(self) -> None:
         if self.stopping:

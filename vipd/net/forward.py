@@ -227,6 +227,11 @@ class Transaction:
 
     async def _send_body(self, lease: Lease, body: Body, header: bytes) -> Reply:
         conn = lease.conn
+        if not body.spilled:
+            # In memory: header, body and the final dot in one write.
+            done = conn.expect(conn.timeouts.data_done)
+            conn.write(b"".join((header, *body.chunks(), END)))
+            return await done
         conn.write(header)
         for chunk in body.chunks():
             conn.write(chunk)

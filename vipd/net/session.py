@@ -74,6 +74,7 @@ class Session(asyncio.Protocol):
         self._paused = False
         self._closed = False
         self._lost = False
+        self._out: list[bytes] = []
         self._replies = daemon.reply_counter(vip.name)
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -90,6 +91,7 @@ class Session(asyncio.Protocol):
         self._reply(replies.greeting(self.vip.banner))
         if self.conn.closed:
             self._close()
+        self._flush()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -113,6 +115,7 @@ class Session(asyncio.Protocol):
 
     # --- the event loop of one session --------------------------------------------------------
     def _pump(self) -> None:
+        """Handle every event the buffered input yields; replies go out in one write at the end."""
         conn = self.conn
         try:
             while not self._closed:
@@ -128,11 +131,13 @@ class Session(asyncio.Protocol):
                         self._close()
                     continue
                 self._busy = True
+                self._flush()
                 asyncio.ensure_future(self._await(result))
                 return
         except Exception:
             self._crash()
             return
+        self._flush()
         if self._paused and conn.buffered < MAX_BUFFERED // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
@@ -284,13 +289,16 @@ class Session(asyncio.Protocol):
 
     # --- output and end ----------------------------------------------------------------------
     def _reply(self, reply: Reply) -> None:
-        data = self.conn.send(reply) if self.conn.pending is not None else self.conn.close(reply)
-        self._count(reply)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def _count(self, reply: Reply) -> None:
+        # Replies are corked and written once per batch of input: one syscall for a pipelined group.
+        self._out.append(self.conn.send(reply) if self.conn.pending is not None else self.conn.close(reply))
         self._replies(reply.code)
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def say_and_close(self, reply: Reply, term: str) -> None:
         """Close out of turn (timeouts, shutdown, too many sessions), abandoning any transaction."""
@@ -298,15 +306,14 @@ class Session(asyncio.Protocol):
             return
         self.term = self.term or term
         self._end_transaction("abandoned")
-        data = self.conn.close(reply)
-        self._count(reply)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        self._out.append(self.conn.close(reply))
+        self._replies(reply.code)
         self._close()
 
     def _close(self) -> None:
         if self._closed:
             return
+        self._flush()
         self._closed = True
         if self.transport is not None:
             self.transport.close()

@@ -58,7 +58,7 @@ class BackendConnection(asyncio.Protocol):
         # uvloop transports are not asyncio.Transport subclasses: no isinstance check.
         self.transport = transport  # type: ignore[assignment]
         # The greeting is the first "reply" we wait for.
-        self.greeted = self._expect(self.timeouts.greeting)
+        self.greeted = self.expect(self.timeouts.greeting)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -101,7 +101,7 @@ class BackendConnection(asyncio.Protocol):
 
     def command(self, line: bytes, timeout: float | None = None) -> asyncio.Future[Reply]:
         """Write one command line; the future completes with its reply."""
-        fut = self._expect(timeout if timeout is not None else self.timeouts.command)
+        fut = self.expect(timeout if timeout is not None else self.timeouts.command)
         self.write(line)
         return fut
 
@@ -119,7 +119,9 @@ class BackendConnection(asyncio.Protocol):
     async def send_group(self, lines: list[bytes], timeout: float | None = None) -> list[Reply]:
         """Send commands, pipelined when the backend offers PIPELINING; return their replies."""
         if self.pipelining:
-            futs = [self.command(line, timeout) for line in lines]
+            t = timeout if timeout is not None else self.timeouts.command
+            futs = [self.expect(t) for _ in lines]
+            self.write(b"".join(lines))          # one write for the whole group
             return [await f for f in futs]
         return [await self.command(line, timeout) for line in lines]
 
@@ -151,7 +153,7 @@ class BackendConnection(asyncio.Protocol):
         self.close()
 
     # --- internals ---------------------------------------------------------------------------
-    def _expect(self, timeout: float) -> asyncio.Future[Reply]:
+    def expect(self, timeout: float) -> asyncio.Future[Reply]:
         fut: asyncio.Future[Reply] = self._loop.create_future()
         if self._error is not None:
             fut.set_exception(self._error)

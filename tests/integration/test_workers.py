@@ -1,0 +1,48 @@
+"""``workers = 2``: two processes share the listener; metrics add up; a dead worker comes back."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import urllib.request
+
+from support import pool_config, wait_for
+
+
+def _worker_pids(log: str) -> list[int]:
+    return [int(p) for p in re.findall(r"worker started worker=\d+ pid=(\d+)", log)]
+
+
+def test_two_workers_serve_one_port_and_metrics_add_up(lab):
+    a, b = lab.sink("a"), lab.sink("b")
+    vipd = lab.vipd(pool_config(a, b, top="workers = 2"))
+    pids = wait_for(lambda: len(_worker_pids(vipd.log())) == 2 and _worker_pids(vipd.log()))
+    sessions = [vipd.smtp() for _ in range(8)]
+    for i, smtp in enumerate(sessions):
+        smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {i}\r\n\r\nworker test {i}\r\n")
+        smtp.quit()
+    wait_for(lambda: len(a.messages()) + len(b.messages()) == 8)
+    log = wait_for(lambda: vipd.log().count(" relayed ") == 8 and vipd.log())
+    served_by = set(re.findall(r"vipd\[(\d)\]: \S+ relayed", log))
+    assert served_by == {"0", "1"}, served_by          # the kernel spread the sessions over both
+    text = urllib.request.urlopen(f"http://127.0.0.1:{vipd.admin_port}/metrics", timeout=10).read().decode()
+    assert 'vipd_messages_total{outcome="relayed"} 8.0' in text
+    assert 'vipd_sessions_total{listener="mx"} 8.0' in text
+    assert all(p > 0 for p in pids)
+
+
+def test_a_killed_worker_is_restarted_and_sigterm_stops_all(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a, top="workers = 2"))
+    first = wait_for(lambda: len(_worker_pids(vipd.log())) == 2 and _worker_pids(vipd.log()))
+    os.kill(first[0], signal.SIGKILL)
+    pids = wait_for(lambda: len(_worker_pids(vipd.log())) == 3 and _worker_pids(vipd.log()), timeout=15)
+    assert "worker died, restarting" in vipd.log()
+    for i in range(4):
+        with vipd.smtp() as smtp:
+            smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {i}\r\n\r\nafter restart\r\n")
+    assert len(wait_for(lambda: len(a.messages()) == 4 and a.messages())) == 4
+    assert vipd.proc.stop() == 0
+    for pid in pids[1:]:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -21,6 +21,7 @@ from ..smtp.client import mail_command, rcpt_command, xclient_command
 from ..smtp.commands import Address, MailFrom
 from ..smtp.replies import Reply
 from .body import Body
+from ..balance import Backend
 from .pools import Lease, PoolRuntime
 
 __all__ = ["ClientFacts", "Part", "Transaction", "with_status"]
@@ -69,10 +70,61 @@ class Transaction:
         self.aborted = False
 
     # --- envelope ----------------------------------------------------------------------------
-    async def add_rcpt(self, pool: PoolRuntime, rcpt: Address) -> Reply:
+    def rcpt(self, pool: PoolRuntime, rcpt: Address, data_next: bool = False) -> asyncio.Future[Reply]:
+        """Forward one recipient; the future gives the client's reply (the backend's verdict).
+
+        ``data_next``: the client has already pipelined DATA, so DATA goes to the backend in the same
+        write (its 354 then costs no extra round trip). The common cases (a live connection, or an idle
+        pooled one) are plain callbacks; connecting, XCLIENT and replays run as a task.
+        """
         part = self.parts.get(pool.name)
         if part is None:
             part = self.parts[pool.name] = Part(pool)
+        if part.failed is not None:
+            return _done(part.failed)
+        lines = [rcpt_command(rcpt)]
+        if part.lease is None:
+            backend, lease = pool.lease_idle(self.client.ip, part.tried)
+            if lease is None or self._needs_xclient(lease) or not lease.conn.pipelining:
+                return self._task(self._open(part, rcpt, lease, backend))
+            part.lease, part.server = lease, lease.backend.name
+            lines = [self._mail_line(lease), *(rcpt_command(r) for r in part.rcpts), lines[0]]
+        data_next = data_next and part.lease.conn.pipelining
+        if data_next:
+            lines.append(DATA)
+        try:
+            futs = part.lease.conn.pipeline(lines)
+        except BackendError as exc:
+            self._lost(part, exc)
+            return self._task(self._add_rcpt(part, rcpt))
+        if data_next:
+            part.data_reply = futs.pop()
+        out: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        futs[-1].add_done_callback(lambda _: self._rcpt_done(part, rcpt, futs, out))
+        return out
+
+    def _rcpt_done(self, part: Part, rcpt: Address, futs: list[asyncio.Future[Reply]],
+                   out: asyncio.Future[Reply]) -> None:
+        try:
+            got = [f.result() for f in futs]
+        except BackendError as exc:
+            if part.lease is not None:
+                self._lost(part, exc)
+            part.data_reply = None
+            _chain(self._task(self._add_rcpt(part, rcpt)), out)
+            return
+        if self.aborted:
+            out.set_result(replies.LOCAL_ERROR)
+            return
+        reply = got[-1] if len(got) == 1 else self._judge_envelope(part, part.lease, got, rcpt)
+        if len(got) == 1 and reply.is_positive:
+            part.rcpts.append(rcpt)
+        out.set_result(with_status(reply))
+
+    def _task(self, coro) -> asyncio.Future[Reply]:
+        return asyncio.ensure_future(coro)
+
+    async def _add_rcpt(self, part: Part, rcpt: Address) -> Reply:
         if part.failed is not None:
             return part.failed
         while True:
@@ -85,13 +137,19 @@ class Transaction:
                 continue           # replay MAIL and the accepted recipients elsewhere
             if reply.is_positive:
                 part.rcpts.append(rcpt)
-            return reply
+            return with_status(reply)
 
-    async def _open(self, part: Part, rcpt: Address | None) -> Reply:
-        """Start the part on some server: MAIL, the recipients it has, and ``rcpt`` (if any)."""
+    async def _open(self, part: Part, rcpt: Address | None, lease: Lease | None = None,
+                    backend: Backend | None = None) -> Reply:
+        """Start the part on some server: MAIL, the recipients it has, and ``rcpt`` (if any).
+
+        ``lease`` or ``backend``: what the balancer already chose for this part, used first.
+        """
         wanted = [*part.rcpts] + ([rcpt] if rcpt is not None else [])
         while True:
-            lease = await part.pool.lease(self.client.ip, self.helo_name, part.tried)
+            if lease is None:
+                lease = await part.pool.lease(self.client.ip, self.helo_name, part.tried, backend)
+            backend = None
             if lease is None:
                 part.failed = replies.NO_BACKEND
                 return part.failed
@@ -103,48 +161,67 @@ class Transaction:
             except BackendError as exc:
                 part.tried.add(lease.backend.name)
                 part.pool.fail(lease, exc)
+                lease = None
                 continue
             if self.aborted:
                 self._reset(part.pool, lease)
                 return replies.LOCAL_ERROR
-            mail_reply, rcpt_replies = got[0], got[1:]
-            if not mail_reply.is_positive:
-                self._reset(part.pool, lease)
-                part.failed = mail_reply
-                return mail_reply
-            if any(not r.is_positive for r in rcpt_replies[: len(part.rcpts)]):
-                # A replay that cannot carry every recipient the client was told is accepted.
-                self._reset(part.pool, lease)
-                part.failed = replies.BACKEND_FAILED
-                return part.failed
-            part.lease = lease
-            part.server = lease.backend.name
-            part.attempts += 1
-            if rcpt is None:
-                return mail_reply
-            reply = rcpt_replies[-1]
-            if reply.is_positive:
-                part.rcpts.append(rcpt)
-            return reply
+            part.lease, part.server = lease, lease.backend.name
+            return self._judge_envelope(part, lease, got, rcpt)
+
+    def _judge_envelope(self, part: Part, lease: Lease | None, got: list[Reply],
+                        rcpt: Address | None) -> Reply:
+        """Replies to MAIL, the part's accepted recipients (replayed) and ``rcpt``: the client's reply."""
+        assert lease is not None
+        mail_reply, rcpt_replies = got[0], got[1:]
+        if not mail_reply.is_positive:
+            part.failed = mail_reply
+        elif any(not r.is_positive for r in rcpt_replies[: len(part.rcpts)]):
+            # A replay that cannot carry every recipient the client was told is accepted.
+            part.failed = replies.BACKEND_FAILED
+        if part.failed is not None:
+            part.lease = None
+            self._reset(part.pool, lease)
+            return with_status(part.failed)
+        part.attempts += 1
+        if rcpt is None:
+            return mail_reply
+        reply = rcpt_replies[-1]
+        if reply.is_positive:
+            part.rcpts.append(rcpt)
+        return with_status(reply)
 
     async def _envelope(self, pool: PoolRuntime, lease: Lease, rcpts: list[Address]) -> list[Reply]:
         conn = lease.conn
-        if pool.cfg.identity == "xclient" and "XCLIENT" in conn.extensions:
+        if lease.pool_identity == "xclient" and "XCLIENT" in conn.extensions:
             await self._xclient(lease)
-        size = self.mail.size if "SIZE" in conn.extensions else None
-        body = self.mail.body if "8BITMIME" in conn.extensions else None
-        lines = [mail_command(self.mail.address, size=size, body=body)]
-        lines += [rcpt_command(r) for r in rcpts]
+        lines = [self._mail_line(lease), *(rcpt_command(r) for r in rcpts)]
         return await conn.send_group(lines)
 
-    async def _xclient(self, lease: Lease) -> None:
-        """Tell the backend who the client is; it answers with a new greeting, so EHLO again."""
-        conn = lease.conn
-        offered = set(conn.extensions["XCLIENT"].upper().split())
+    def _mail_line(self, lease: Lease) -> bytes:
+        ext = lease.conn.extensions
+        return mail_command(self.mail.address, size=self.mail.size if "SIZE" in ext else None,
+                            body=self.mail.body if "8BITMIME" in ext else None)
+
+    def _xclient_attrs(self, lease: Lease) -> dict[str, str]:
+        offered = set(lease.conn.extensions.get("XCLIENT", "").upper().split())
+        # No PORT: with it every client session would differ and a pooled connection could never
+        # skip XCLIENT for a client it already names.
         attrs = {"ADDR": self.client.ip, "NAME": "[UNAVAILABLE]", "HELO": self.client.helo,
-                 "PROTO": "ESMTP" if self.client.esmtp else "SMTP", "PORT": str(self.client.port)}
-        attrs = {k: v for k, v in attrs.items() if k in offered}
-        if not attrs:
+                 "PROTO": "ESMTP" if self.client.esmtp else "SMTP"}
+        return {k: v for k, v in attrs.items() if k in offered}
+
+    def _needs_xclient(self, lease: Lease) -> bool:
+        if lease.pool_identity != "xclient" or "XCLIENT" not in lease.conn.extensions:
+            return False
+        return lease.conn.xclient != self._xclient_attrs(lease)
+
+    async def _xclient(self, lease: Lease) -> None:
+        """Tell the backend who the client is (unless this connection already names that client);
+        the backend answers with a new greeting, so EHLO again."""
+        conn = lease.conn
+        attrs = self._xclient_attrs(lease)
+        if not attrs or conn.xclient == attrs:
             return
         reply = await conn.command(xclient_command(attrs))
         if reply.code != 220:
@@ -152,6 +229,7 @@ class Transaction:
             conn.extensions.pop("XCLIENT", None)
             return
         await conn.ehlo(self.helo_name)
+        conn.xclient = attrs
 
     def _lost(self, part: Part, exc: Exception) -> None:
         assert part.lease is not None
@@ -178,21 +256,69 @@ class Transaction:
         """The client said DATA and will get 354: ask every live part's backend for DATA now."""
         self.data_started = time.monotonic()
         for part in self.parts.values():
-            if part.rcpts and part.lease is not None:
+            if part.rcpts and part.lease is not None and part.data_reply is None:
                 try:
                     part.data_reply = part.lease.conn.command(DATA, part.lease.conn.timeouts.data_init)
                 except BackendError as exc:
                     self._lost(part, exc)
 
-    async def finish(self, body: Body, header: bytes) -> Reply:
-        """The body is complete: deliver every part; the client's final reply."""
+    def finish(self, body: Body, header: bytes) -> asyncio.Future[Reply]:
+        """The body is complete: deliver every part; the future gives the client's final reply.
+
+        Fast path (one part, its backend already said 354, the body in memory): one write and a
+        callback. Anything else runs as a task.
+        """
         self.body_done = time.monotonic()
         parts = [p for p in self.parts.values() if p.rcpts]
+        self._release_idle_parts()
+        part = parts[0] if len(parts) == 1 else None
+        if (part is None or part.lease is None or body.spilled or part.data_reply is None
+                or not part.data_reply.done() or part.data_reply.exception() is not None
+                or part.data_reply.result().code != 354):
+            return self._task(self._finish(parts, body, header))
+        lease = part.lease
+        conn = lease.conn
+        try:
+            done = conn.expect(conn.timeouts.data_done)
+            conn.write(b"".join((header, *body.chunks(), END)))
+        except BackendError:
+            return self._task(self._finish(parts, body, header))
+        started = time.monotonic()
+        out: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def delivered(_: object) -> None:
+            if done.exception() is not None:
+                # Lost before the final reply: the slow path replays it elsewhere.
+                if not self.aborted:
+                    self._lost(part, done.exception())
+                _chain(self._task(self._finish(parts, body, header)), out)
+                return
+            part.delivery_seconds = time.monotonic() - started
+            self._delivered(part, lease, done.result())
+            out.set_result(self._verdict(parts))
+
+        done.add_done_callback(delivered)
+        return out
+
+    async def _finish(self, parts: list[Part], body: Body, header: bytes) -> Reply:
         if len(parts) == 1:
             await self._deliver(parts[0], body, header)
         else:
             await asyncio.gather(*(self._deliver(p, body, header) for p in parts))
         return self._verdict(parts)
+
+    def _delivered(self, part: Part, lease: Lease, final: Reply) -> None:
+        lease.conn.transactions += 1
+        part.pool.give_back(lease, reusable=True)
+        part.lease = None
+        part.result = final
+
+    def _release_idle_parts(self) -> None:
+        """Parts whose every recipient was refused hold a connection nothing will use: reset it."""
+        for part in self.parts.values():
+            if not part.rcpts and part.lease is not None:
+                lease, part.lease = part.lease, None
+                self._reset_after(part, lease)
 
     async def _deliver(self, part: Part, body: Body, header: bytes) -> None:
         while part.result is None:
@@ -220,10 +346,7 @@ class Transaction:
                     return
                 self._lost(part, exc)
                 continue
-            lease.conn.transactions += 1
-            part.pool.give_back(lease, reusable=True)
-            part.lease = None
-            part.result = final
+            self._delivered(part, lease, final)
 
     async def _send_body(self, lease: Lease, body: Body, header: bytes) -> Reply:
         conn = lease.conn
@@ -257,11 +380,15 @@ class Transaction:
             lease, part.lease = part.lease, None
             if lease is None:
                 continue
-            if part.data_reply is not None:
-                # DATA is open on the backend: only closing the connection abandons it safely.
-                part.pool.give_back(lease, reusable=False)
-            else:
-                self._reset(part.pool, lease)
+            self._reset_after(part, lease)
+
+    def _reset_after(self, part: Part, lease: Lease) -> None:
+        data = part.data_reply
+        if data is None or (data.done() and data.exception() is None and data.result().code != 354):
+            self._reset(part.pool, lease)          # no DATA open on the backend: RSET and reuse
+        else:
+            # DATA is (or may be) open on the backend: only closing the connection abandons it safely.
+            part.pool.give_back(lease, reusable=False)
 
     def servers(self) -> str:
         """The servers that carried the parts, for the log line."""
@@ -273,3 +400,20 @@ def with_status(reply: Reply) -> Reply:
     if reply.status is not None:
         return reply
     return Reply(reply.code, f"{reply.code // 100}.0.0", reply.text)
+
+
+def _done(reply: Reply) -> asyncio.Future[Reply]:
+    fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    fut.set_result(reply)
+    return fut
+
+
+def _chain(src: asyncio.Future[Reply], dst: asyncio.Future[Reply]) -> None:
+    def copy(_: object) -> None:
+        if dst.done():
+            return
+        if src.exception() is not None:
+            dst.set_exception(src.exception())  # type: ignore[arg-type]
+        else:
+            dst.set_result(src.result())
+    src.add_done_callback(copy)

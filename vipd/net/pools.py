@@ -28,6 +28,7 @@ class Lease:
     backend: Backend
     conn: BackendConnection
     reused: bool
+    pool_identity: str = "xclient"
 
 
 def _timeouts(cfg: PoolConfig) -> Timeouts:
@@ -80,13 +81,13 @@ class PoolRuntime:
                 pool.idle_timeout = cfg.idle_timeout_seconds
                 pool.max_transactions = cfg.max_transactions_per_connection
 
-    async def lease(self, client_ip: str, helo_name: str, exclude: set[str]) -> Lease | None:
-        """A greeted connection to a server the balancer picks; None when no server can be reached.
-
-        Every server tried and failed is added to ``exclude``.
+    async def lease(self, client_ip: str, helo_name: str, exclude: set[str],
+                    first: Backend | None = None) -> Lease | None:
+        """A greeted connection to a server the balancer picks (``first``, if already picked); None
+        when no server can be reached. Every server tried and failed is added to ``exclude``.
         """
         while True:
-            backend = self.balancer.pick(client_ip, exclude)
+            backend, first = first or self.balancer.pick(client_ip, exclude), None
             if backend is None:
                 return None
             conns = self._conns.get(backend.name)
@@ -97,7 +98,7 @@ class PoolRuntime:
             conn = conns.take()
             if conn is not None:
                 self.balancer.acquire(backend)
-                return Lease(backend, conn, reused=True)
+                return Lease(backend, conn, True, self.cfg.identity)
             try:
                 conn = await open_connection(endpoint.host, endpoint.port, server_name=backend.name,
                                              helo_name=helo_name, timeouts=self.timeouts)
@@ -106,7 +107,23 @@ class PoolRuntime:
                 exclude.add(backend.name)
                 continue
             self.balancer.acquire(backend)
-            return Lease(backend, conn, reused=False)
+            return Lease(backend, conn, False, self.cfg.identity)
+
+    def lease_idle(self, client_ip: str, exclude: set[str]) -> tuple[Backend | None, Lease | None]:
+        """Without waiting: the server the balancer picks, and an idle connection to it if one is kept.
+
+        Without an idle connection, pass the server to ``lease(first=...)``: picking again would
+        advance the balancer twice for one transaction.
+        """
+        backend = self.balancer.pick(client_ip, exclude)
+        if backend is None:
+            return None, None
+        conns = self._conns.get(backend.name)
+        conn = conns.take() if conns is not None else None
+        if conn is None:
+            return backend, None
+        self.balancer.acquire(backend)
+        return backend, Lease(backend, conn, True, self.cfg.identity)
 
     def give_back(self, lease: Lease, *, reusable: bool) -> None:
         """End a transaction's use of a lease; a clean connection goes back to the idle set."""

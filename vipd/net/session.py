@@ -27,7 +27,7 @@ from ..smtp.replies import Reply
 from ..smtp.server import (ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
                            ServerConnection, Sentinel, State, standard_reply)
 from .body import Body
-from .forward import ClientFacts, Transaction, with_status
+from .forward import ClientFacts, Transaction
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -75,6 +75,7 @@ class Session(asyncio.Protocol):
         self._closed = False
         self._lost = False
         self._out: list[bytes] = []
+        self._waiting_for: object | None = None
         self._replies = daemon.reply_counter(vip.name)
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -109,7 +110,7 @@ class Session(asyncio.Protocol):
         self._lost = True
         self.conn.receive_data(b"")
         if self._busy:
-            return          # the pending step finishes first, then _await ends the session
+            return          # the pending step finishes first, then _resume ends the session
         self._pump()
         self._finish_session()
 
@@ -130,9 +131,12 @@ class Session(asyncio.Protocol):
                     if conn.closed:
                         self._close()
                     continue
+                # A future: the reply comes from a backend. Resume when it is there. Replies so far
+                # wait too (RFC 2920 asks for a flush only before waiting for the client), so a
+                # pipelined envelope is answered in one write.
                 self._busy = True
-                self._flush()
-                asyncio.ensure_future(self._await(result))
+                self._waiting_for = event
+                result.add_done_callback(self._resume)
                 return
         except Exception:
             self._crash()
@@ -142,14 +146,18 @@ class Session(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    async def _await(self, pending) -> None:
+    def _resume(self, fut: asyncio.Future[Reply]) -> None:
+        self._busy = False
+        event, self._waiting_for = self._waiting_for, None
         try:
-            reply = await pending
+            reply = fut.result()
+            if type(event) is RcptTo:
+                self._after_rcpt(event, reply)
+            elif type(event) is MessageComplete:
+                self._after_message(event, reply)
         except Exception:
-            self._busy = False
             self._crash()
             return
-        self._busy = False
         if self._lost:
             self._finish_session()
             return
@@ -202,25 +210,29 @@ class Session(asyncio.Protocol):
 
     # --- envelope ----------------------------------------------------------------------------
     def _mail(self, event: MailFrom) -> Reply:
+        self._end_transaction("abandoned")
         self.txn_count += 1
         qid = f"{self.sid}.{self.txn_count}"
         facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp)
         self.txn = Transaction(qid, event, facts, self.daemon.helo_name(self.vip))
         return replies.SENDER_OK
 
-    async def _rcpt(self, event: RcptTo) -> Reply:
+    def _rcpt(self, event: RcptTo) -> asyncio.Future[Reply]:
         txn = self.txn
         assert txn is not None
         pool = self.daemon.route(self.vip, event.address.domain)
-        reply = with_status(await txn.add_rcpt(pool, event.address))
+        return txn.rcpt(pool, event.address, self.conn.next_is_data())
+
+    def _after_rcpt(self, event: RcptTo, reply: Reply) -> None:
         if reply.is_positive:
             self.rcpts_ok += 1
-        else:
-            self.rcpts_refused += 1
+            return
+        self.rcpts_refused += 1
+        txn = self.txn
+        if txn is not None:
             self.log.info(f"{txn.qid}: reject RCPT " + fmt(
                 client=self._client(), reply=str(reply), **{"from": str(txn.mail.address)},
-                to=str(event.address), pool=pool.name))
-        return reply
+                to=str(event.address)))
 
     def _data(self) -> Reply:
         txn = self.txn
@@ -229,25 +241,28 @@ class Session(asyncio.Protocol):
         self.body = Body()
         return replies.START_DATA
 
-    async def _message_complete(self, event: MessageComplete) -> Reply:
+    def _message_complete(self, event: MessageComplete) -> Reply | asyncio.Future[Reply]:
         txn, body = self.txn, self.body
         assert txn is not None and body is not None
         if event.error is not None:
             self.daemon.metrics.protocol_errors.labels("bad_message").inc()
             self._end_transaction("rejected", event.error, event.size)
             return event.error
-        try:
-            reply = await txn.finish(body, self._received_header(txn))
-        finally:
-            body.close()
+        return txn.finish(body, self._received_header(txn))
+
+    def _after_message(self, event: MessageComplete, reply: Reply) -> None:
+        txn = self.txn
+        if self.body is not None:
+            self.body.close()
             self.body = None
+        if txn is None:
+            return
         delivery = self.daemon.metrics.backend_delivery
         for part in txn.parts.values():
             if part.delivery_seconds is not None:
                 delivery.labels(part.pool.name, part.server).observe(part.delivery_seconds)
         outcome = "relayed" if reply.code == 250 else ("deferred" if reply.is_transient else "rejected")
         self._end_transaction(outcome, reply, event.size)
-        return reply
 
     def _end_transaction(self, outcome: str, reply: Reply | None = None, size: int | None = None) -> None:
         txn, self.txn = self.txn, None

@@ -51,7 +51,9 @@ class BackendConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._error: Exception | None = None
         self._timeout = timeouts.command
+        self._deadline = 0.0
         self.greeted: asyncio.Future[Reply] | None = None
+        self.xclient: dict[str, str] | None = None     # the client this session last named
 
     # --- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,12 +118,24 @@ class BackendConnection(asyncio.Protocol):
         if self._error is not None:
             raise self._error
 
+    def pipeline(self, lines: list[bytes], timeout: float | None = None) -> list[asyncio.Future[Reply]]:
+        """Write several commands at once (one write); their futures in order.
+
+        Only for backends that offer PIPELINING, except a single command, which any backend takes.
+        """
+        if len(lines) > 1 and not self.pipelining:
+            raise BackendProtocolError(f"{self.server_name}: does not offer PIPELINING")
+        t = timeout if timeout is not None else self.timeouts.command
+        if self._error is not None or self.transport is None:
+            raise self._error or BackendUnavailable(f"{self.server_name}: not connected")
+        futs = [self.expect(t) for _ in lines]
+        self.transport.write(lines[0] if len(lines) == 1 else b"".join(lines))
+        return futs
+
     async def send_group(self, lines: list[bytes], timeout: float | None = None) -> list[Reply]:
         """Send commands, pipelined when the backend offers PIPELINING; return their replies."""
         if self.pipelining:
-            t = timeout if timeout is not None else self.timeouts.command
-            futs = [self.expect(t) for _ in lines]
-            self.write(b"".join(lines))          # one write for the whole group
+            futs = self.pipeline(lines, timeout)
             return [await f for f in futs]
         return [await self.command(line, timeout) for line in lines]
 
@@ -163,20 +177,29 @@ class BackendConnection(asyncio.Protocol):
         return fut
 
     def _arm(self, timeout: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(timeout, self._on_timeout)
+        # A deadline, not a timer per command: the one timer is only moved when it fires early,
+        # which keeps call_later off the per-command path.
         self._timeout = timeout
+        self._deadline = deadline = self._loop.time() + timeout
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:
+            timer.cancel()          # set for a longer timeout than this command's
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _rearm(self) -> None:
         if self._waiting:
-            self._arm(self._timeout)
-        elif self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self._deadline = self._loop.time() + self._timeout
+        # With nothing awaited the timer stays, harmless: it finds no waiter when it fires.
 
-    def _on_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
+        if not self._waiting:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
         self._fail(BackendTimeout(f"{self.server_name}: no reply within {self._timeout:g} s"))
 
     def _fail(self, exc: Exception) -> None:

@@ -316,6 +316,10 @@ class ServerConnection:
         self.rcpt_attempts = 0
 
     # --- helpers for adapters ----------------------------------------------------------------
+    def next_is_data(self) -> bool:
+        """Has the client already pipelined DATA as its next command? (A hint for relaying only.)"""
+        return self._buf[:6].upper() == b"DATA\r\n"
+
     def ehlo_keywords(self) -> list[str]:
         words = ["PIPELINING", f"SIZE {self.limits.max_message_bytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if self.limits.xclient:

@@ -9,6 +9,7 @@ or quotes are quoted. Bodies are never logged.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from typing import TextIO
@@ -19,13 +20,17 @@ FLUSH_SECONDS = 0.1
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
+_PLAIN = re.compile(r'[^\s"=\\]+')
+
+
 def quote(value: object) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
-        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    if _PLAIN.fullmatch(text) and text.isprintable():
+        return text
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    if not text.isprintable():
         text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-        return f'"{text}"'
-    return text
+    return f'"{text}"'
 
 
 def fmt(**fields: object) -> str:

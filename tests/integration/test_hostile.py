@@ -1,0 +1,80 @@
+"""Hostile input over a real socket: whatever a client sends, it gets SMTP replies and nothing else,
+and the daemon keeps serving everybody else."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from support import Lab, pool_config, wait_for
+
+REPLY_LINE = re.compile(rb"^[2-5]\d\d[ -][ -~]*$")
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    lab = Lab(tmp_path_factory.mktemp("hostile"))
+    try:
+        sink = lab.sink("a")
+        yield lab.vipd(pool_config(sink, admin=False)), sink
+    finally:
+        lab.close()
+
+
+def _talk(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
+def _assert_only_replies(out: bytes) -> None:
+    assert out.endswith(b"\r\n") or out == b""
+    for line in out.split(b"\r\n")[:-1]:
+        assert REPLY_LINE.match(line), line
+
+
+smtp_words = st.sampled_from([b"EHLO x\r\n", b"HELO y\r\n", b"MAIL FROM:<a@b.example>\r\n", b"RCPT TO:<c@d.example>\r\n",
+                              b"DATA\r\n", b".\r\n", b"RSET\r\n", b"NOOP\r\n", b"\r\n", b"\n", b"\r", b"\x00",
+                              b"MAIL FROM:<@a,@b:c@d>\r\n", b"RCPT TO:<a%b@c>\r\n", b"GET / HTTP/1.0\r\n"])
+soup = st.lists(st.one_of(smtp_words, st.binary(max_size=300)), max_size=25).map(b"".join)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=soup)
+def test_any_bytes_get_only_smtp_replies(relay, data):
+    vipd, _ = relay
+    out = _talk(vipd.port(), data)
+    assert out.startswith(b"220 ")
+    _assert_only_replies(out)
+
+
+def test_daemon_keeps_serving_after_abuse(relay):
+    vipd, sink = relay
+    before = len(sink.messages())
+    _talk(vipd.port(), b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) * 40)  # a TLS hello
+    _talk(vipd.port(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 30)
+    _talk(vipd.port(), b"A" * 200_000)                                 # one endless line
+    _talk(vipd.port(), b"EHLO x\r\n" + b"NOOP\r\n" * 5000 + b"QUIT\r\n")  # a flood of pipelined commands
+    with vipd.smtp() as smtp:
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: after\r\n\r\nstill serving\r\n")
+    assert len(wait_for(lambda: len(sink.messages()) > before and sink.messages())) == before + 1
+    assert "internal error" not in vipd.log()
+
+
+def test_too_many_errors_closes_with_421(relay):
+    vipd, _ = relay
+    out = _talk(vipd.port(), b"BOGUS\r\n" * 30)
+    lines = out.split(b"\r\n")[:-1]
+    assert lines[-1].startswith(b"421 4.7.0")
+    assert len(lines) == 1 + 20                  # the greeting, 19 refusals and the 421

@@ -433,8 +433,9 @@ class _PoolTable(_Schema):
 
 class _VipTable(_Schema):
     listen: Annotated[tuple[ListenAddress, ...], Array(min_length=1)]
-    # A lambda, not socket.getfqdn itself: looked up on each load, and patchable in tests.
-    hostname: Hostname = Field(default_factory=lambda: socket.getfqdn())
+    # gethostname, not getfqdn: getfqdn asks DNS, and loading a config must never send a query.
+    # A lambda: looked up on each load, and patchable in tests.
+    hostname: Hostname = Field(default_factory=lambda: socket.gethostname())
     banner: Line = "$hostname ESMTP"
     default_pool: Name
     routes: PathText | None = None

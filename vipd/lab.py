@@ -154,7 +154,7 @@ def _explain(workdir: Path, cfg: Path, port: int, admin_port: int, sinks, path: 
             print(f"    {line}")
     print()
     print("Send your own:")
-    print(f"  swaks --server 127.0.0.1:{port} --from you@example.org --to someone@example.com")
+    print(f"  swaks --server 127.0.0.1:{port} --helo client.example --from you@example.org --to someone@example.com")
     print(f"  python3 -c \"import smtplib; smtplib.SMTP('127.0.0.1', {port}).sendmail("
           f"'you@example.org', ['someone@example.com'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n')\"")
     print(f"Messages land in {workdir}/sink1 and {workdir}/sink2 (one file each), in turn.")

@@ -312,10 +312,10 @@ def test_pool_defaults(tmp_path: Path) -> None:
     assert server == config.ServerSpec("10.0.0.11:25", Endpoint("10.0.0.11", 25), 1, False, None)
 
 
-def test_hostname_defaults_to_fqdn_and_feeds_the_banner(
+def test_hostname_defaults_to_the_host_name_and_feeds_the_banner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(socket, "getfqdn", lambda name="": "host.from.fqdn")
+    monkeypatch.setattr(socket, "gethostname", lambda: "host.from.fqdn")
     text = MINIMAL.replace('hostname = "mx.test"\n', 'banner = "$hostname ready, $hostname says hi"\n')
     vip = config.load(write(tmp_path, text)).vips["mx"]
     assert vip.hostname == "host.from.fqdn"

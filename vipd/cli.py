@@ -70,7 +70,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         log = LogBuffer(level=cfg.log_level, name=f"vipd[{args.index}]")
-        await Daemon(cfg, log, Metrics(), worker=args.index, listen_sockets=sockets).run()
+        await Daemon(cfg, log, Metrics(), worker=args.index, listen_sockets=sockets,
+                     parent=args.parent).run()
 
     asyncio.run(main())
     return 0
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--config", required=True)
     worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--parent", type=int, required=True)
     worker.add_argument("--fd", action="append", default=[])
     worker.set_defaults(func=cmd_worker)
     check = sub.add_parser("check-config", help="validate a configuration file; lists every error")

@@ -46,3 +46,18 @@ def test_a_killed_worker_is_restarted_and_sigterm_stops_all(lab):
     assert vipd.proc.stop() == 0
     for pid in pids[1:]:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_workers_stop_when_the_supervisor_is_killed(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a, top="workers = 2"))
+    pids = wait_for(lambda: len(_worker_pids(vipd.log())) == 2 and _worker_pids(vipd.log()))
+    vipd.proc.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_for(lambda: all(gone(p) for p in pids), timeout=15, what="orphaned workers to stop")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import signal
 import socket
 import time
@@ -35,11 +36,14 @@ SWEEP_SECONDS = 1.0
 class Daemon:
     def __init__(self, config: Config, log: LogBuffer | None = None,
                  metrics: Metrics | None = None, *, worker: int | None = None,
-                 listen_sockets: dict[tuple[str, str, int], socket.socket] | None = None) -> None:
+                 listen_sockets: dict[tuple[str, str, int], socket.socket] | None = None,
+                 parent: int | None = None) -> None:
         """``worker``/``listen_sockets``: run as one of several workers on sockets bound by the
         supervisor (vipd.net.workers); a lone daemon binds its own and serves the admin listener."""
         self.config = config
         self.worker = worker
+        # The supervisor's PID as it gave it: a worker that started after its death must notice too.
+        self._parent = parent if parent is not None else os.getppid()
         self._inherited = dict(listen_sockets or {})
         self.log = log or LogBuffer(level=config.log_level)
         self.metrics = metrics or Metrics()
@@ -202,6 +206,10 @@ class Daemon:
                 pool.expire_idle()
             if self.worker is not None:
                 self.metrics.snapshot_pools(self.pools.values())
+                if os.getppid() != self._parent:
+                    # The supervisor is gone (even SIGKILL): a worker never outlives it.
+                    self.log.warning("supervisor gone, stopping")
+                    self.request_stop()
 
     def request_stop(self) -> None:
         if self.stopping:

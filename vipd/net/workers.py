@@ -84,7 +84,7 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         fds = [lst[index].fileno() for lst in self.sockets.values()]
         args = [sys.executable, "-m", "vipd", "worker", "--config", str(self.config.path),
-                "--index", str(index), *(a for arg in fd_args(self.sockets, index) for a in ("--fd", arg))]
+                "--index", str(index), "--parent", str(os.getpid()), *(a for arg in fd_args(self.sockets, index) for a in ("--fd", arg))]
         self.children[index] = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
         self.log.info("worker started " + fmt(worker=index, pid=self.children[index].pid))
 

@@ -118,7 +118,9 @@ class DataReader:
             crlf = seg.count(b"\r\n")
             if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
                 self._bare = True
-        dots = seg.count(b"\r\n.") + (1 if self._at_line_start and seg[:1] == b"." else 0)
+        # memchr first: most segments (and every base64 part) have no '.' at all.
+        dots = 0 if b"." not in seg else (
+            seg.count(b"\r\n.") + (1 if self._at_line_start and seg[:1] == b"." else 0))
         self.size += len(seg) - dots
         if self.max_line and not (self._nul or self._bare or self._long or self.size > self.max_bytes):
             self._long = self._check_lines(seg)
@@ -134,6 +136,21 @@ class DataReader:
             return replies.DATA_LINE_TOO_LONG
         return None
 
+    def _within(self, seg: bytes, limit: int) -> bool:
+        """Quick and strict: every line of ``seg`` (and its unfinished tail) fits in ``limit`` octets.
+
+        Steps from line end to line end a whole window at a time (one C-speed rfind per ``limit``
+        octets, not per line). False only means "look closer" (the exact check below).
+        """
+        n = len(seg)
+        start = -self._line_len                 # where the current line began, relative to seg
+        while start + limit <= n:
+            nl = seg.rfind(b"\n", max(start, 0), start + limit)
+            if nl < 0:
+                return False
+            start = nl + 1
+        return True
+
     def _check_lines(self, seg: bytes) -> bool:
         """Track line lengths; True once a line is (or is bound to be) over the limit.
 
@@ -143,7 +160,7 @@ class DataReader:
         limit = self.max_line
         if self._line_len == 0:
             self._line_dot = seg[:1] == b"."
-        if self._line_len + len(seg) <= limit:
+        if self._line_len + len(seg) <= limit or self._within(seg, limit):
             tail = seg.rfind(b"\n")
             if tail < 0:
                 self._line_len += len(seg)

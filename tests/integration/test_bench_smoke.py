@@ -1,0 +1,74 @@
+"""The bench keeps working: ``python -m bench compare --smoke`` runs the baseline and vipd-1w under one
+load, once, and writes a table and JSON with positive figures (the full run is a manual command).
+
+It needs Postfix's smtp-source and smtp-sink, which the bench unpacks from the Debian package. It
+skips only when that cannot be done and we are neither root nor in CI (env CI set): there it must run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from support import PYTHON, ROOT
+
+SYSTEMS = ("baseline", "vipd-1w")
+
+
+def _require_tools() -> None:
+    """Unpack smtp-source and smtp-sink before the timed run (a first download may take a while)."""
+    from bench.compare import DEFAULT_CACHE
+    from bench.postfix import unpack
+    from bench.system import Unavailable
+    try:
+        unpack(DEFAULT_CACHE)
+    except Unavailable as exc:
+        if os.geteuid() == 0 or os.environ.get("CI"):
+            raise
+        pytest.skip(f"not root and no smtp-source: {exc}")
+
+
+def _first_number(cell: str) -> float:
+    match = re.match(r"\s*([\d,]+(?:\.\d+)?)", cell)
+    assert match, cell
+    return float(match.group(1).replace(",", ""))
+
+
+def test_compare_smoke_writes_table_and_json_with_vipd_and_baseline(tmp_path):
+    _require_tools()
+    started = time.monotonic()
+    out = subprocess.run([PYTHON, "-m", "bench", "compare", "--smoke", "--results", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert elapsed < 60
+
+    data = json.loads((tmp_path / "latest.json").read_text())
+    rows = {row["system"]: row for row in data["results"]}
+    assert set(SYSTEMS) <= set(rows), data["results"]
+    for name in SYSTEMS:
+        assert rows[name]["runs"] == 1 and not rows[name]["errors"], rows[name]
+        assert rows[name]["msgs_per_s"]["median"] > 0, rows[name]
+    vipd = rows["vipd-1w"]
+    assert vipd["cpu_ms_per_msg"]["median"] > 0, vipd
+    assert vipd["peak_rss_mib"]["median"] > 0, vipd
+    assert 0 < vipd["ratio"], vipd
+    assert data["micro"]["commands_per_s"]["median"] > 0
+
+    table = (tmp_path / "latest.md").read_text()
+    assert table in out.stdout + "\n"          # the table is printed at the end
+    cells = {line.split("|")[2].strip(): line.split("|")[3:-1]
+             for line in table.splitlines() if line.startswith("| ") and line.split("|")[2].strip() in SYSTEMS}
+    assert set(cells) == set(SYSTEMS), table
+    assert _first_number(cells["baseline"][0]) > 0
+    assert _first_number(cells["vipd-1w"][0]) > 0          # msgs/s
+    assert _first_number(cells["vipd-1w"][2]) > 0          # CPU ms/msg
+    if importlib.util.find_spec("matplotlib") is not None:      # the bench extra; plots are skipped without it
+        for png in ("msgs_per_s.png", "cpu_per_msg.png"):
+            assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")

@@ -45,6 +45,8 @@ class LogBuffer:
         self.name = name
         self.level = _LEVELS.get(level, 20)
         self._lines: list[str] = []
+        self._stamp_second = 0
+        self._stamp = ""
         self._handle: asyncio.TimerHandle | None = None
 
     def set_level(self, level: str) -> None:
@@ -66,8 +68,11 @@ class LogBuffer:
     def _add(self, level: int, line: str) -> None:
         if level < self.level:
             return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-        self._lines.append(f"{stamp} {self.name}: {line}\n")
+        now = int(time.time())
+        if now != self._stamp_second:
+            self._stamp_second = now
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+        self._lines.append(f"{self._stamp} {self.name}: {line}\n")
         if self._handle is None:
             try:
                 loop = asyncio.get_running_loop()

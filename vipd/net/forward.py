@@ -265,39 +265,52 @@ class Transaction:
     def finish(self, body: Body, header: bytes) -> asyncio.Future[Reply]:
         """The body is complete: deliver every part; the future gives the client's final reply.
 
-        Fast path (one part, its backend already said 354, the body in memory): one write and a
-        callback. Anything else runs as a task.
+        Fast path (one part on a live connection, the body in memory): when the backend's 354 is
+        there, one write, then a callback for the final reply. Anything else runs as a task.
         """
         self.body_done = time.monotonic()
         parts = [p for p in self.parts.values() if p.rcpts]
         self._release_idle_parts()
         part = parts[0] if len(parts) == 1 else None
-        if (part is None or part.lease is None or body.spilled or part.data_reply is None
-                or not part.data_reply.done() or part.data_reply.exception() is not None
-                or part.data_reply.result().code != 354):
+        if part is None or part.lease is None or body.spilled or part.data_reply is None:
             return self._task(self._finish(parts, body, header))
-        lease = part.lease
-        conn = lease.conn
-        try:
-            done = conn.expect(conn.timeouts.data_done)
-            conn.write(b"".join((header, *body.chunks(), END)))
-        except BackendError:
-            return self._task(self._finish(parts, body, header))
-        started = time.monotonic()
         out: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        lease, data_reply = part.lease, part.data_reply
 
-        def delivered(_: object) -> None:
-            if done.exception() is not None:
-                # Lost before the final reply: the slow path replays it elsewhere.
-                if not self.aborted:
-                    self._lost(part, done.exception())
-                _chain(self._task(self._finish(parts, body, header)), out)
+        def slow() -> None:
+            _chain(self._task(self._finish(parts, body, header)), out)
+
+        def send(_: object) -> None:
+            if (data_reply.exception() is not None or data_reply.result().code != 354
+                    or part.lease is not lease):
+                slow()                   # the slow path knows every way this can go
                 return
-            part.delivery_seconds = time.monotonic() - started
-            self._delivered(part, lease, done.result())
-            out.set_result(self._verdict(parts))
+            conn = lease.conn
+            try:
+                done = conn.expect(conn.timeouts.data_done)
+                conn.write(b"".join((header, *body.chunks(), END)))
+            except BackendError:
+                slow()
+                return
+            started = time.monotonic()
 
-        done.add_done_callback(delivered)
+            def delivered(_: object) -> None:
+                if done.exception() is not None:
+                    # Lost before the final reply: the slow path replays it elsewhere.
+                    if not self.aborted:
+                        self._lost(part, done.exception())
+                    slow()
+                    return
+                part.delivery_seconds = time.monotonic() - started
+                self._delivered(part, lease, done.result())
+                out.set_result(self._verdict(parts))
+
+            done.add_done_callback(delivered)
+
+        if data_reply.done():
+            send(None)
+        else:
+            data_reply.add_done_callback(send)
         return out
 
     async def _finish(self, parts: list[Part], body: Body, header: bytes) -> Reply:

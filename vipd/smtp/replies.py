@@ -7,7 +7,7 @@ section 3 allows, and as Postfix and sendmail do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "Reply",
@@ -25,6 +25,8 @@ class Reply:
     code: int
     status: str | None
     text: str
+    # The wire form, built once: most replies are catalogue constants sent again and again.
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     @property
     def is_positive(self) -> bool:
@@ -43,6 +45,13 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Wire form; multi-line text becomes ``250-`` continuation lines."""
+        wire = self._wire
+        if wire is None:
+            wire = self._build()
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
+    def _build(self) -> bytes:
         parts = self.lines()
         prefix = f"{self.status} " if self.status else ""
         out = []

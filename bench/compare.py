@@ -3,8 +3,9 @@
 Order: for each load, for each repeat, each system in turn (A B C A B C ...), so a slow phase of
 the machine hits every system alike. Each measurement starts its system afresh (see measure.py);
 the two sinks run for the whole run. The baseline always runs: it is what ratios and added
-latency are computed against. After the systems, the protocol-core micro-benchmark runs, and
-everything goes into ``latest.json``, ``latest.md`` and the PNGs of the results folder.
+latency are computed against. After the systems, the protocol-core micro-benchmark runs, then
+(unless ``--smoke``) the measurement of vipd's memory per idle session (bench.idle), and everything
+goes into ``latest.json``, ``latest.md`` and the PNGs of the results folder.
 
 Rules: a system whose prepare() raises Unavailable is reported with the reason and skipped; a
 measurement that fails is reported and the run goes on, but a system that fails twice in a row is
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import plots, postfix, report
+from .idle import DEFAULT_SESSIONS, IdleResult, run_idle
 from .loads import Load
 from .measure import Bench, Sample, measure, next_count
 from .micro import run_micro
@@ -51,6 +53,8 @@ class Options:
     micro_repeats: int = 3
     keep_workdirs: bool = False
     command: str = "compare"
+    idle: bool = True                 # measure vipd's memory per idle session (repeats: ``repeats``)
+    idle_sessions: int = DEFAULT_SESSIONS
 
 
 def log(message: str) -> None:
@@ -166,9 +170,13 @@ def run_compare(opts: Options) -> report.Results:
     samples = _run_systems(opts, tools, systems, unavailable)
     log("micro-benchmark of the protocol core")
     micro = run_micro(opts.micro_seconds, opts.micro_repeats)
+    idle: IdleResult | None = None
+    if opts.idle:
+        log(f"memory per idle session: {opts.idle_sessions} sessions, {opts.repeats} repeat(s)")
+        idle = run_idle(opts.idle_sessions, opts.repeats)
     names = [s.name for s in systems]
     results = report.Results(_meta(opts, started), opts.loads, [_describe(s) for s in systems], unavailable,
-                             summarize(samples, names, opts.loads), samples, micro)
+                             summarize(samples, names, opts.loads), samples, micro, idle)
     report.write(results, opts.results)
     try:
         plots.write_plots(results.summaries, opts.loads, names, opts.results)

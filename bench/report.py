@@ -11,12 +11,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .idle import IdleResult
 from .loads import Load
 from .measure import Sample
 from .micro import MicroResult
 from .stats import BASELINE, Spread, Summary
 
-__all__ = ["Results", "write", "markdown", "micro_table"]
+__all__ = ["Results", "write", "markdown", "micro_table", "idle_table"]
 
 NA, MISSING = "n/a", "—"
 
@@ -30,6 +31,7 @@ class Results:
     summaries: list[Summary] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     micro: MicroResult | None = None
+    idle: IdleResult | None = None          # None: not measured (compare --smoke)
 
     def to_json(self) -> dict:
         return {
@@ -41,6 +43,7 @@ class Results:
             "results": [s.to_json() for s in self.summaries],
             "samples": [s.to_json() for s in self.samples],
             "micro": self.micro.to_json() if self.micro else None,
+            "idle": self.idle.to_json() if self.idle else None,
         }
 
 
@@ -57,6 +60,8 @@ def markdown(results: Results) -> str:
     parts = [_heading(results), _main_table(results), _problems(results), _systems_table(results)]
     if results.micro is not None:
         parts.append(micro_table(results.micro))
+    if results.idle is not None:
+        parts.append(idle_table(results.idle))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -131,3 +136,26 @@ def micro_table(micro: MicroResult) -> str:
         rows.append(f"| {label} | " + " | ".join(fmt.format(v) for v in (spread.median, spread.min, spread.max))
                     + " |")
     return "## Protocol core alone (`python -m bench micro`, vipd.smtp.server.ServerConnection)\n\n" + "\n".join(rows)
+
+
+def idle_table(idle: IdleResult) -> str:
+    """The idle-session section: figures, whether the goal is met, and failed repeats."""
+    ok = sum(1 for s in idle.samples if s.ok)
+    head = (f"## Memory per idle session (`python -m bench idle`, vipd-1w)\n\n"
+            f"vipd's VmRSS before and after {idle.sessions:,} client connections were opened and held, each "
+            f"greeted and answered to `EHLO idle.test`; {ok} of {idle.repeats} repeat(s), vipd started afresh each "
+            f"time. Goal: at most {idle.goal_kib:g} KiB per session.")
+    rows = ["| Figure | median | min | max |", "|---|--:|--:|--:|"]
+    for label, spread, fmt in [("KiB per session", idle.kib_per_session, "{:,.2f}"),
+                               (f"MiB added for {idle.sessions:,} sessions", idle.total_mib, "{:,.2f}"),
+                               ("VmRSS MiB before", idle.rss_before_mib, "{:,.1f}"),
+                               ("VmRSS MiB with the sessions open", idle.rss_after_mib, "{:,.1f}")]:
+        cells = [MISSING] * 3 if spread is None else [fmt.format(v) for v in (spread.median, spread.min, spread.max)]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if idle.meets_goal is None:
+        verdict = f"Goal ({idle.goal_kib:g} KiB per session): not measured."
+    else:
+        verdict = (f"Goal ({idle.goal_kib:g} KiB per session): **{'met' if idle.meets_goal else 'missed'}** "
+                   f"(median {idle.kib_per_session.median:.2f} KiB).")
+    errors = "".join(f"\n- {error}" for error in idle.errors)
+    return head + "\n\n" + "\n".join(rows) + "\n\n" + verdict + (f"\n\nProblems:\n{errors}" if errors else "")

@@ -60,8 +60,10 @@ class Baseline(System):
 
 
 class Vipd(System):
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, max_sessions: int | None = None) -> None:
+        """``max_sessions``: the VIP's cap on sessions (vipd's default when None; bench.idle raises it)."""
         self.workers = workers
+        self.max_sessions = max_sessions
         self.name = f"vipd-{workers}w"
         self.description = f"vipd from this checkout, {workers} worker{'s' if workers > 1 else ''}"
         self._daemon: Daemon | None = None
@@ -84,6 +86,7 @@ class Vipd(System):
 
     def _write_config(self, workdir: Path, sinks: list[Endpoint]) -> Path:
         servers = ", ".join(f'"{sink}"' for sink in sinks)
+        cap = "" if self.max_sessions is None else f"max_sessions = {self.max_sessions}\n"
         path = workdir / "vipd.toml"
         path.write_text(f"""\
 workers = {self.workers}
@@ -93,7 +96,7 @@ grace_seconds = 2.0
 listen = ["127.0.0.1:0"]
 hostname = "vipd.bench.test"
 default_pool = "sinks"
-
+{cap}
 [pool.sinks]
 balance = "roundrobin"
 servers = [{servers}]

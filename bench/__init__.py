@@ -1,7 +1,8 @@
 """The vipd benchmark: vipd, the baseline and peer relays side by side in front of the same sinks.
 
-``python -m bench compare`` runs the comparison, ``python -m bench micro`` times the protocol core;
-see ``bench/README.md``. One job per module:
+``python -m bench compare`` runs the comparison, ``python -m bench micro`` times the protocol core,
+``python -m bench idle`` measures vipd's memory per idle session; see ``bench/README.md``. One job per
+module:
 
 - ``system``      the contract every system under test follows (``System``, ``Endpoint``, ``Unavailable``)
 - ``systems``     the baseline and vipd systems, plus the peers of ``bench.peers`` when present
@@ -17,4 +18,5 @@ see ``bench/README.md``. One job per module:
 - ``report``      the Markdown table and the JSON file
 - ``plots``       the PNG bar charts
 - ``micro``       the micro-benchmark of ``vipd.smtp.server.ServerConnection``
+- ``idle``        vipd's memory per idle session (VmRSS before and after opening 1,000 of them)
 """

@@ -8,6 +8,7 @@ Rules:
   their own times, forked-and-reaped ones through their parent's cutime/cstime.
 - Memory is the sum of RSS (field 24) over the tree; ``PeakRss`` samples it every 100 ms in a
   thread and keeps the largest sum. Pages shared between processes count once per process.
+  ``vm_rss_bytes`` is one process's VmRSS from /proc/PID/status (the same figure, read by bench.idle).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import threading
 from collections import defaultdict
 
-__all__ = ["tree", "alive", "cpu_seconds", "rss_bytes", "PeakRss"]
+__all__ = ["tree", "alive", "cpu_seconds", "rss_bytes", "vm_rss_bytes", "PeakRss"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -74,6 +75,15 @@ def rss_bytes(roots: list[int]) -> int:
         if (fields := _stat(pid)) is not None:
             pages += int(fields[_RSS])
     return pages * _PAGE
+
+
+def vm_rss_bytes(pid: int) -> int:
+    """One process's resident set size, the ``VmRSS`` line of /proc/PID/status (kB there)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ProcessLookupError(f"no VmRSS in /proc/{pid}/status (a zombie?)")
 
 
 class PeakRss:

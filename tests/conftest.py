@@ -7,7 +7,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from support import Lab
+from support import Lab, pool_config
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=100, deadline=None,
@@ -21,5 +21,16 @@ def lab(tmp_path):
     lab = Lab(tmp_path)
     try:
         yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    """One vipd before one sink, shared by a module's tests (for hypothesis, which runs many examples)."""
+    lab = Lab(tmp_path_factory.mktemp("relay"))
+    try:
+        sink = lab.sink("a")
+        yield lab.vipd(pool_config(sink, admin=False)), sink
     finally:
         lab.close()

@@ -6,23 +6,12 @@ from __future__ import annotations
 import re
 import socket
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import Lab, pool_config, wait_for
+from support import wait_for
 
 REPLY_LINE = re.compile(rb"^[2-5]\d\d[ -][ -~]*$")
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    lab = Lab(tmp_path_factory.mktemp("hostile"))
-    try:
-        sink = lab.sink("a")
-        yield lab.vipd(pool_config(sink, admin=False)), sink
-    finally:
-        lab.close()
 
 
 def _talk(port: int, data: bytes, timeout: float = 3.0) -> bytes:

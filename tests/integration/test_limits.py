@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import smtplib
 import socket
 import time
 
-import pytest
 
 from support import pool_config, wait_for
 

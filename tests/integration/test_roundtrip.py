@@ -5,27 +5,16 @@ from __future__ import annotations
 import re
 import socket
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import Lab, pool_config, wait_for
+from support import wait_for
 
 # Any bytes but CR, LF and NUL in a line; lines up to 998 octets (RFC 5321 4.5.3.1.6).
 line = st.binary(max_size=200).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b""))
 long_line = st.integers(min_value=900, max_value=998).map(lambda n: b"y" * n)
 bodies = st.lists(st.one_of(line, long_line, st.sampled_from([b".", b"..", b".x", b"", b". "])),
                   max_size=40).map(lambda lines: b"".join(ln + b"\r\n" for ln in lines))
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory):
-    lab = Lab(tmp_path_factory.mktemp("roundtrip"))
-    try:
-        sink = lab.sink("a")
-        yield lab.vipd(pool_config(sink, admin=False)), sink
-    finally:
-        lab.close()
 
 
 def _stuff(body: bytes) -> bytes:

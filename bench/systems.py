@@ -96,6 +96,8 @@ grace_seconds = 2.0
 listen = ["127.0.0.1:0"]
 hostname = "vipd.bench.test"
 default_pool = "sinks"
+trusted_networks = ["127.0.0.0/8"]   # the load generator relays to any domain
+max_sessions_per_client = 0          # one client address opens every session here
 {cap}
 [pool.sinks]
 balance = "roundrobin"

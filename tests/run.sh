@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # Real SMTP clients and servers from Debian (root only; elsewhere the tests that need them skip,
 # except in CI, where a missing one fails).
-apt_packages=(swaks libnet-ssleay-perl)
+apt_packages=(swaks libnet-ssleay-perl dnsmasq)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -168,13 +168,15 @@ def proc_check(proc: Proc) -> bool:
 
 
 def pool_config(*sinks: Sink, balance: str = "roundrobin", extra_vip: str = "", extra_pool: str = "",
-                admin: bool = True, top: str = "") -> str:
+                admin: bool = True, top: str = "", trusted: bool = True) -> str:
+    """A config with one VIP before ``sinks``; ``trusted``: 127/8 may relay (most tests send anywhere)."""
     servers = ", ".join(f'"{s.address}"' for s in sinks)
     text = f"""{top}
 [vip.mx]
 listen = ["127.0.0.1:0"]
 hostname = "mx.vipd.test"
 default_pool = "incoming"
+{'trusted_networks = ["127.0.0.0/8", "::1/128"]' if trusted else ""}
 {extra_vip}
 
 [pool.incoming]

@@ -43,6 +43,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from vipd.policy.access import AccessError, AccessMap, load_access
 from vipd.routing import RouteTable, RoutesError, load_routes
 
 __all__ = [
@@ -147,6 +148,15 @@ class ServerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsblZone:
+    """One DNS blocklist: its weight in the score and the answers that count (None: any)."""
+
+    zone: str
+    weight: int
+    accept: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
 class VipConfig:
     """A `[vip.NAME]` listener. `banner` is expanded; `privacy` has "goaway" replaced by its three flags."""
 
@@ -167,6 +177,22 @@ class VipConfig:
     command_timeout_seconds: float
     data_timeout_seconds: float
     session_timeout_seconds: float
+    access: AccessMap | None
+    access_file: Path | None
+    relay_domains: frozenset[str]
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    dnsbl: tuple[DnsblZone, ...]
+    dnsbl_threshold: int
+    dnsbl_reply: str | None
+    delay_checks: bool
+    helo_strict: bool
+    reject_unknown_helo: bool
+    check_sender_domain: bool   # only with `nameservers`: vipd never guesses a resolver
+    greet_delay_seconds: float
+    max_sessions_per_client: int  # 0: no limit
+    max_connections_per_client_per_minute: int  # 0: no limit
+    max_refused_recipients: int
+    refuse_load: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +399,31 @@ def _check_text_line_limit(value: int) -> int:
     return value
 
 
+def _check_network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"expected an address or network like 10.0.0.0/8, got {_quote(text)}") from None
+    return text
+
+
+def _check_domain(text: str) -> str:
+    # A relay domain: a host name, optionally with a leading dot meaning "and its subdomains".
+    if not _is_hostname(text.removeprefix(".")):
+        raise ValueError(f"invalid domain {_quote(text)}")
+    return text.lower().rstrip(".")
+
+
+def _check_answer_range(text: str) -> str:
+    low, _, high = text.partition("-")
+    try:
+        ipaddress.IPv4Address(low)
+        ipaddress.IPv4Address(high or low)
+    except ValueError:
+        raise ValueError(f"expected an address or a range like 127.0.0.2-127.0.0.11, got {_quote(text)}") from None
+    return text
+
+
 def _server_shorthand(value: object) -> object:
     """Expand the shorthand "host:port" into { address = "host:port" }."""
     if isinstance(value, str):
@@ -393,6 +444,9 @@ ServerAddress = Annotated[Endpoint, _string_field(parse_endpoint, _HOST_PORT)]
 Nameserver = Annotated[Endpoint, _string_field(_parse_nameserver, 'a string "ip" or "ip:port"')]
 Seconds = Annotated[float, Field(gt=0)]
 Positive = Annotated[int, Field(ge=1)]
+Network = Annotated[str, _string_field(_check_network, 'a string "address/prefix"')]
+Domain = Annotated[str, _string_field(_check_domain)]
+AnswerRange = Annotated[str, _string_field(_check_answer_range)]
 # Range checks with an RFC-citing reason rather than pydantic's bare "must be >= N".
 CommandLineLimit = Annotated[int, AfterValidator(_check_command_line_limit)]
 TextLineLimit = Annotated[int, AfterValidator(_check_text_line_limit)]
@@ -431,6 +485,12 @@ class _PoolTable(_Schema):
     max_transactions_per_connection: Positive = 1000
 
 
+class _DnsblTable(_Schema):
+    zone: Hostname
+    weight: Annotated[int, Field(ge=1)] = 1
+    accept: Annotated[tuple[AnswerRange, ...], Array(min_length=1)] | None = None
+
+
 class _VipTable(_Schema):
     listen: Annotated[tuple[ListenAddress, ...], Array(min_length=1)]
     # gethostname, not getfqdn: getfqdn asks DNS, and loading a config must never send a query.
@@ -449,6 +509,22 @@ class _VipTable(_Schema):
     command_timeout_seconds: Seconds = 300.0
     data_timeout_seconds: Seconds = 180.0
     session_timeout_seconds: Seconds = 3600.0
+    # Early checks (docs/policy.md).
+    access: PathText | None = None
+    relay_domains: Annotated[tuple[Domain, ...], Array()] = ()
+    trusted_networks: Annotated[tuple[Network, ...], Array()] = ()
+    dnsbl: Annotated[tuple[_DnsblTable, ...], Array()] = ()
+    dnsbl_threshold: Annotated[int, Field(ge=1)] = 1
+    dnsbl_reply: Line | None = None
+    delay_checks: bool = False
+    helo_strict: bool = True
+    reject_unknown_helo: bool = False
+    check_sender_domain: bool = True
+    greet_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
+    max_sessions_per_client: Annotated[int, Field(ge=0)] = 50
+    max_connections_per_client_per_minute: Annotated[int, Field(ge=0)] = 0
+    max_refused_recipients: Annotated[int, Field(ge=1)] = 20
+    refuse_load: Annotated[float, Field(gt=0)] | None = None
 
 
 class _AdminTable(_Schema):
@@ -500,8 +576,9 @@ class _Analysis:
         for name, raw in self.vip_tables.items():
             vip = self._validate(_VipTable, raw, ("vip", name))
             routes = self._check_vip_references(name, raw)
+            access = self._load_access(("vip", name, "access"), raw.get("access"))
             if vip is not None:
-                vips[name] = (vip, routes)
+                vips[name] = (vip, routes, access)
         pools: dict[str, _PoolTable] = {}
         for name, raw in self.pool_tables.items():
             pool = self._validate(_PoolTable, raw, ("pool", name))
@@ -544,6 +621,18 @@ class _Analysis:
             if self._is_unknown_pool(pool):
                 self._add(loc, f"{file}:{lineno}: unknown pool {_quote(pool)}{self._pool_hint()}")
         return table
+
+    def _load_access(self, loc: Loc, value: object) -> AccessMap | None:
+        path = _salvage(_PATH, value)
+        if path is None:
+            return None
+        file = self._relative(path)
+        try:
+            return load_access(file)
+        except AccessError as exc:
+            for error in exc.errors:
+                self._add(loc, error)
+            return None
 
     def _is_unknown_pool(self, name: str) -> bool:
         return self.pool_names is not None and name not in self.pool_names
@@ -629,13 +718,19 @@ class _Analysis:
             admin=None if document.admin is None else AdminConfig(listen=document.admin.listen),
         )
 
-    def _vip(self, name: str, table: _VipTable, routes: RouteTable | None) -> VipConfig:
+    def _vip(self, name: str, table: _VipTable, routes: RouteTable | None,
+             access: AccessMap | None = None) -> VipConfig:
         fields = dict(table)
         fields.update(
             banner=table.banner.replace("$hostname", table.hostname),
             routes=routes,
             routes_file=None if table.routes is None else self._relative(table.routes).absolute(),
             privacy=_expand_privacy(table.privacy),
+            access=access,
+            access_file=None if table.access is None else self._relative(table.access).absolute(),
+            relay_domains=frozenset(table.relay_domains),
+            trusted_networks=tuple(ipaddress.ip_network(n, strict=False) for n in table.trusted_networks),
+            dnsbl=tuple(DnsblZone(z.zone.lower(), z.weight, z.accept) for z in table.dnsbl),
         )
         return VipConfig(name=name, **fields)
 

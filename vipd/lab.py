@@ -62,6 +62,7 @@ listen = ["127.0.0.1:{port}"]
 hostname = "mx.lab.vipd.test"
 banner = "$hostname ESMTP vipd lab"
 default_pool = "incoming"
+relay_domains = ["example.com", ".example.com"]   # mail for these is accepted from anyone
 
 [pool.incoming]
 balance = "roundrobin"
@@ -158,6 +159,7 @@ def _explain(workdir: Path, cfg: Path, port: int, admin_port: int, sinks, path: 
     print(f"  python3 -c \"import smtplib; smtplib.SMTP('127.0.0.1', {port}).sendmail("
           f"'you@example.org', ['someone@example.com'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n')\"")
     print(f"Messages land in {workdir}/sink1 and {workdir}/sink2 (one file each), in turn.")
+    print("Recipients must be in example.com (the lab's relay domain): others get 550 5.7.1 Relaying denied.")
     if admin_port:
         print(f"Metrics: curl http://127.0.0.1:{admin_port}/metrics   status: curl http://127.0.0.1:{admin_port}/")
     print("Ctrl-C stops the lab.", flush=True)

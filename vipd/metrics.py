@@ -78,6 +78,10 @@ class Metrics:
             ["pool", "server"], buckets=_LATENCY_BUCKETS, registry=r)
         self.backend_failures = Counter("vipd_backend_failures", "Backend connections that failed",
                                         ["pool", "server"], registry=r)
+        self.policy_verdicts = Counter("vipd_policy_verdicts", "Early-check decisions",
+                                       ["check", "verdict"], registry=r)
+        self.dnsbl_duration = Histogram("vipd_dnsbl_lookup_duration_seconds", "DNSBL lookup latency",
+                                        ["zone"], buckets=_LATENCY_BUCKETS, registry=r)
         self.config_reloads = Counter("vipd_config_reloads", "Configuration reloads", ["result"],
                                       registry=r)
         self._selected: Counter | None = None

@@ -73,6 +73,12 @@ class RouteTable:
                 return pool
         return None
 
+    def names(self, domain: str) -> bool:
+        """Does a key other than the catch-all "." name ``domain``? Such domains are ours for relay
+        control; the catch-all only picks a pool, it never makes every domain relayable."""
+        return any(key in self._index for key in _candidates(_normalize_domain(domain))
+                   if key != CATCH_ALL)
+
     def pools(self) -> frozenset[str]:
         """Every pool the table names."""
         return frozenset(pool for _, pool, _ in self.entries)

@@ -202,3 +202,10 @@ def test_load_routes_missing_file(tmp_path: Path) -> None:
         load_routes(path)
     assert caught.value.errors == [f"{path}: cannot read: No such file or directory"]
     assert caught.value.table is None
+
+
+def test_names_counts_explicit_keys_never_the_catch_all() -> None:
+    table = parse_routes("example.com a\n.sub.example.net b\n. c\n", "mt")
+    assert table.names("example.com") and table.names("x.sub.example.net")
+    assert not table.names("sub.example.net")       # ".sub" covers subdomains only
+    assert not table.names("elsewhere.org")         # the catch-all picks a pool, nothing more

@@ -24,8 +24,12 @@ from ..config import Config, VipConfig
 from ..log import LogBuffer, fmt
 from ..metrics import Metrics
 from ..smtp import replies
+from ..policy.dnsfacts import DnsFacts
+from ..policy.limits import ClientLimiter, check_load
+from ..smtp.replies import Reply
 from ..smtp.server import Limits
 from .pools import PoolRuntime
+from .screen import Screen, zones_for
 from .session import Session, limits_for
 
 __all__ = ["Daemon"]
@@ -59,6 +63,9 @@ class Daemon:
         self._reply_counters: dict[str, Callable[[int], None]] = {}
         self._date = (0, "")
         self._admin = None
+        self._limiters: dict[str, ClientLimiter] = {}
+        self._zones: dict[str, tuple] = {}
+        self.dns: DnsFacts | None = None
         self._apply(config)
         if worker is None:
             self.metrics.watch_pools(lambda: list(self.pools.values()))
@@ -73,6 +80,9 @@ class Daemon:
         for name in [n for n in self.pools if n not in config.pools]:
             self.pools.pop(name).close()
         self.limits = {name: limits_for(vip) for name, vip in config.vips.items()}
+        self._zones = {}
+        if config.nameservers != getattr(self.config, "nameservers", None) or self.dns is None:
+            self.dns = _dns_facts(config, self.metrics)
         self.config = config
         self.log.set_level(config.log_level)
 
@@ -108,16 +118,52 @@ class Daemon:
         return True
 
     # --- sessions ----------------------------------------------------------------------------
-    def admit(self, session: Session) -> bool:
-        name = session.vip.name
-        if self.stopping or self.per_vip.get(name, 0) >= session.vip.max_sessions:
-            self.metrics.sessions_refused.labels(name, "stopping" if self.stopping else "max_sessions").inc()
-            return False
+    def admit(self, session: Session) -> Reply | None:
+        """Count a new session, or the reply that refuses it (shutdown, limits, load)."""
+        vip = session.vip
+        name = vip.name
+        refusal = None
+        if self.stopping:
+            refusal, reason = replies.SHUTTING_DOWN, "stopping"
+        elif self.per_vip.get(name, 0) >= vip.max_sessions:
+            refusal, reason = replies.TOO_MANY_SESSIONS, "max_sessions"
+        else:
+            verdict = check_load(os.getloadavg()[0], vip.refuse_load) if vip.refuse_load else None
+            if verdict is None or not verdict.refuses:
+                verdict = self._limiter(vip).admit(session.ip, time.monotonic())
+            if verdict.refuses:
+                refusal, reason = verdict.reply, verdict.check
+                self.count_verdict(verdict.check, verdict.kind)
+        if refusal is not None:
+            self.metrics.sessions_refused.labels(name, reason).inc()
+            self.log.info(f"{session.sid}: reject " + fmt(client=f"[{session.ip}]:{session.port}",
+                                                          check=reason, reply=str(refusal)))
+            return refusal
         self.per_vip[name] = self.per_vip.get(name, 0) + 1
         self.sessions.add(session)
         self.metrics.sessions.labels(name).inc()
         self.metrics.sessions_active.labels(name).inc()
-        return True
+        return None
+
+    def _limiter(self, vip: VipConfig) -> ClientLimiter:
+        limiter = self._limiters.get(vip.name)
+        if limiter is None:
+            limiter = self._limiters[vip.name] = ClientLimiter()
+        # A reload may change the limits; the counts carry on.
+        limiter.max_concurrent = vip.max_sessions_per_client
+        limiter.max_per_minute = vip.max_connections_per_client_per_minute
+        return limiter
+
+    def screen(self, session: Session) -> Screen:
+        vip = session.vip
+        zones = self._zones.get(vip.name)
+        if zones is None:
+            zones = self._zones[vip.name] = zones_for(vip)
+        ours = frozenset(h for addrs in self.bound.values() for h, _ in addrs)
+        return Screen(vip, session.ip, self.dns, ours, zones)
+
+    def count_verdict(self, check: str, kind: str) -> None:
+        self.metrics.policy_verdicts.labels(check, kind).inc()
 
     def release(self, session: Session) -> bool:
         if session not in self.sessions:
@@ -125,6 +171,7 @@ class Daemon:
         self.sessions.discard(session)
         name = session.vip.name
         self.per_vip[name] -= 1
+        self._limiter(session.vip).release(session.ip)
         self.metrics.sessions_active.labels(name).dec()
         if self.stopping and not self.sessions:
             self._stop.set()
@@ -204,6 +251,8 @@ class Daemon:
                 session.check_timeouts(now)
             for pool in self.pools.values():
                 pool.expire_idle()
+            for limiter in self._limiters.values():
+                limiter.expire(now)
             if self.worker is not None:
                 self.metrics.snapshot_pools(self.pools.values())
                 if os.getppid() != self._parent:
@@ -265,6 +314,14 @@ class Daemon:
         await asyncio.sleep(0)
         self.log.info("stopped")
         self.log.flush()
+
+
+def _dns_facts(config: Config, metrics: Metrics) -> DnsFacts | None:
+    """DNS for the early checks, only from ``nameservers``: vipd never guesses a resolver."""
+    if not config.nameservers:
+        return None
+    return DnsFacts([str(ep) for ep in config.nameservers],
+                    observe=lambda zone, seconds: metrics.dnsbl_duration.labels(zone).observe(seconds))
 
 
 def _addr(host: str, port: int) -> str:

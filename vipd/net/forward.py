@@ -68,7 +68,7 @@ class Transaction:
         self.data_started = 0.0
         self.body_done = 0.0
         self.aborted = False
-
+        self.discarded: list[Address] = []      # recipients an access DISCARD took
     # --- envelope ----------------------------------------------------------------------------
     def rcpt(self, pool: PoolRuntime, rcpt: Address, data_next: bool = False) -> asyncio.Future[Reply]:
         """Forward one recipient; the future gives the client's reply (the backend's verdict).

@@ -16,6 +16,7 @@ import base64
 import os
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import VipConfig
@@ -27,7 +28,9 @@ from ..smtp.replies import Reply
 from ..smtp.server import (ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
                            ServerConnection, Sentinel, State, standard_reply)
 from .body import Body
+from ..policy.verdict import ACCEPT, Verdict
 from .forward import ClientFacts, Transaction
+from .screen import Screen
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -35,6 +38,16 @@ if TYPE_CHECKING:
 __all__ = ["Session", "limits_for", "new_session_id"]
 
 MAX_BUFFERED = 256 * 1024
+
+
+class Pending:
+    """An answer that needs a backend or DNS: the future, and what turns its value into the reply."""
+
+    __slots__ = ("future", "then")
+
+    def __init__(self, future: asyncio.Future, then: Callable[[object], Reply | Pending]) -> None:
+        self.future = future
+        self.then = then
 
 
 def limits_for(vip: VipConfig) -> Limits:
@@ -67,7 +80,8 @@ class Session(asyncio.Protocol):
         self.body: Body | None = None
         self.txn_count = 0
         self.rcpts_ok = self.rcpts_refused = 0
-        self.msgs = {"relayed": 0, "rejected": 0, "deferred": 0}
+        self.msgs = {"relayed": 0, "rejected": 0, "deferred": 0, "discarded": 0}
+        self.discard = False
         self.bytes = 0
         self.term = ""
         self._busy = False
@@ -75,7 +89,10 @@ class Session(asyncio.Protocol):
         self._closed = False
         self._lost = False
         self._out: list[bytes] = []
-        self._waiting_for: object | None = None
+        self._then: Callable[[object], Reply | Pending] | None = None
+        self.screen: Screen | None = None
+        self._greet_timer: asyncio.TimerHandle | None = None
+        self.refused_rcpts_total = 0
         self._replies = daemon.reply_counter(vip.name)
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -84,20 +101,42 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.ip, self.port = str(peer[0]), int(peer[1])
-        if not self.daemon.admit(self):
-            self._reply(replies.TOO_MANY_SESSIONS)
+        refusal = self.daemon.admit(self)
+        if refusal is not None:
+            self._reply(refusal)
             self.term = "RC"
             self._close()
             return
-        self._reply(replies.greeting(self.vip.banner))
+        self.screen = self.daemon.screen(self)
+        if self.vip.greet_delay_seconds > 0:
+            # postscreen's pregreet test: a client that talks before the greeting is a bot.
+            self._greet_timer = asyncio.get_running_loop().call_later(
+                self.vip.greet_delay_seconds, self._greet)
+            return
+        self._greet()
+
+    def _greet(self) -> None:
+        self._greet_timer = None
+        if self._closed:
+            return
+        if self.conn.buffered:
+            self.log.info(f"{self.sid}: reject " + fmt(client=self._client(), check="pregreet",
+                                                       reply=str(replies.PREGREET)))
+            self.daemon.count_verdict("pregreet", "disconnect")
+            self.term = "PC"
+            self._reply(replies.PREGREET)
+        else:
+            self._reply(replies.greeting(self.vip.banner))
         if self.conn.closed:
             self._close()
         self._flush()
+        if not self._closed and self.conn.buffered:
+            self._pump()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         self.conn.receive_data(data)
-        if not self._busy:
+        if not self._busy and self._greet_timer is None:
             self._pump()
         if self.conn.buffered > MAX_BUFFERED and not self._paused and self.transport is not None:
             self._paused = True
@@ -131,12 +170,10 @@ class Session(asyncio.Protocol):
                     if conn.closed:
                         self._close()
                     continue
-                # A future: the reply comes from a backend. Resume when it is there. Replies so far
+                # Pending: the answer needs a backend or DNS. Resume when it is there. Replies so far
                 # wait too (RFC 2920 asks for a flush only before waiting for the client), so a
                 # pipelined envelope is answered in one write.
-                self._busy = True
-                self._waiting_for = event
-                result.add_done_callback(self._resume)
+                self._wait(result)
                 return
         except Exception:
             self._crash()
@@ -146,17 +183,27 @@ class Session(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    def _resume(self, fut: asyncio.Future[Reply]) -> None:
+    def _wait(self, pending: Pending) -> None:
+        self._busy = True
+        self._then = pending.then
+        pending.future.add_done_callback(self._resume)
+
+    def _resume(self, fut: asyncio.Future) -> None:
         self._busy = False
-        event, self._waiting_for = self._waiting_for, None
+        then, self._then = self._then, None
         try:
-            reply = fut.result()
-            if type(event) is RcptTo:
-                self._after_rcpt(event, reply)
-            elif type(event) is MessageComplete:
-                self._after_message(event, reply)
+            result = then(fut.result()) if then is not None else fut.result()
         except Exception:
             self._crash()
+            return
+        if isinstance(result, Pending) and not self._lost and not self._closed:
+            self._wait(result)
+            return
+        reply = result
+        if self._lost:
+            self._finish_session()
+            return
+        if self._closed:
             return
         if self._lost:
             self._finish_session()
@@ -188,11 +235,7 @@ class Session(asyncio.Protocol):
         if kind is Data:
             return self._data()
         if kind is Ehlo or kind is Helo:
-            # RFC 5321 4.1.4: a new EHLO/HELO ends any transaction in progress, as RSET would.
-            self._end_transaction("abandoned")
-            if kind is Helo:
-                return replies.helo_reply(self.vip.hostname)
-            return replies.ehlo_reply(self.vip.hostname, self.conn.ehlo_keywords())
+            return self._helo(event)
         if kind is ProtocolViolation:
             self.daemon.metrics.protocol_errors.labels(event.kind).inc()
             self.log.info(f"{self.sid}: protocol error " + fmt(client=self._client(),
@@ -209,30 +252,98 @@ class Session(asyncio.Protocol):
         return standard_reply(event, privacy=self.vip.privacy)
 
     # --- envelope ----------------------------------------------------------------------------
-    def _mail(self, event: MailFrom) -> Reply:
+    def _helo(self, event: Helo | Ehlo) -> Reply | Pending:
+        # RFC 5321 4.1.4: a new EHLO/HELO ends any transaction in progress, as RSET would.
         self._end_transaction("abandoned")
+        verdict = self.screen.helo(event.domain) if self.screen is not None else ACCEPT
+        if isinstance(verdict, Verdict):
+            return self._helo_verdict(event, verdict)
+        return Pending(verdict, lambda v: self._helo_verdict(event, v))
+
+    def _helo_verdict(self, event: Helo | Ehlo, verdict: Verdict) -> Reply:
+        if verdict.refuses:
+            return self._refuse(verdict, helo=event.domain)
+        self._count_verdict(verdict, "helo")
+        if type(event) is Helo:
+            return replies.helo_reply(self.vip.hostname)
+        return replies.ehlo_reply(self.vip.hostname, self.conn.ehlo_keywords())
+
+    def _mail(self, event: MailFrom) -> Reply | Pending:
+        self._end_transaction("abandoned")
+        verdict = self.screen.mail(event.address) if self.screen is not None else ACCEPT
+        if isinstance(verdict, Verdict):
+            return self._mail_verdict(event, verdict)
+        return Pending(verdict, lambda v: self._mail_verdict(event, v))
+
+    def _mail_verdict(self, event: MailFrom, verdict: Verdict) -> Reply:
+        if verdict.refuses:
+            return self._refuse(verdict, sender=event.address)
         self.txn_count += 1
         qid = f"{self.sid}.{self.txn_count}"
         facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp)
         self.txn = Transaction(qid, event, facts, self.daemon.helo_name(self.vip))
+        self.discard = verdict.kind == "discard"
         return replies.SENDER_OK
 
-    def _rcpt(self, event: RcptTo) -> asyncio.Future[Reply]:
+    def _rcpt(self, event: RcptTo) -> Reply | Pending:
+        verdict = self.screen.rcpt(event.address) if self.screen is not None else ACCEPT
+        if isinstance(verdict, Verdict):
+            return self._rcpt_verdict(event, verdict)
+        return Pending(verdict, lambda v: self._rcpt_verdict(event, v))
+
+    def _rcpt_verdict(self, event: RcptTo, verdict: Verdict) -> Reply | Pending:
         txn = self.txn
         assert txn is not None
+        if verdict.refuses:
+            return self._refused_rcpt(event, self._refuse(verdict, sender=txn.mail.address,
+                                                          rcpt=event.address))
+        if self.discard or verdict.kind == "discard":
+            # sendmail DISCARD: accepted and thrown away; nothing goes to a backend.
+            self.discard = True
+            txn.discarded.append(event.address)
+            self.rcpts_ok += 1
+            return replies.RCPT_OK
         pool = self.daemon.route(self.vip, event.address.domain)
-        return txn.rcpt(pool, event.address, self.conn.next_is_data())
+        fut = txn.rcpt(pool, event.address, self.conn.next_is_data())
+        return Pending(fut, lambda reply: self._after_rcpt(event, reply))
 
-    def _after_rcpt(self, event: RcptTo, reply: Reply) -> None:
+    def _after_rcpt(self, event: RcptTo, reply: Reply) -> Reply:
         if reply.is_positive:
             self.rcpts_ok += 1
-            return
-        self.rcpts_refused += 1
+            return reply
         txn = self.txn
         if txn is not None:
             self.log.info(f"{txn.qid}: reject RCPT " + fmt(
                 client=self._client(), reply=str(reply), **{"from": str(txn.mail.address)},
-                to=str(event.address)))
+                to=str(event.address), check="backend"))
+        return self._refused_rcpt(event, reply)
+
+    def _refused_rcpt(self, event: RcptTo, reply: Reply) -> Reply:
+        """Count a refused recipient; past the budget the session ends (a dictionary attack)."""
+        self.rcpts_refused += 1
+        self.refused_rcpts_total += 1
+        if self.refused_rcpts_total >= self.vip.max_refused_recipients:
+            self.term = "PR"
+            return replies.TOO_MANY_REFUSED_RCPTS
+        return reply
+
+    def _refuse(self, verdict: Verdict, *, helo: str | None = None, sender=None, rcpt=None) -> Reply:
+        """Log and count a policy refusal; the reply to send."""
+        self._count_verdict(verdict, verdict.check or "policy")
+        reply = verdict.reply or replies.LOCAL_ERROR
+        txn = self.txn
+        qid = txn.qid if txn is not None else self.sid
+        self.log.info(f"{qid}: reject " + fmt(
+            client=self._client(), helo=f"<{helo or self.conn.helo or ''}>",
+            **{"from": str(sender) if sender is not None else None},
+            to=str(rcpt) if rcpt is not None else None, check=verdict.check, reply=str(reply)))
+        if verdict.kind == "disconnect" and reply.code != 421:
+            self.term = "PC"
+        return reply
+
+    def _count_verdict(self, verdict: Verdict, check: str) -> None:
+        if verdict.check or verdict.kind != "accept":
+            self.daemon.count_verdict(check, verdict.kind)
 
     def _data(self) -> Reply:
         txn = self.txn
@@ -241,28 +352,35 @@ class Session(asyncio.Protocol):
         self.body = Body()
         return replies.START_DATA
 
-    def _message_complete(self, event: MessageComplete) -> Reply | asyncio.Future[Reply]:
+    def _message_complete(self, event: MessageComplete) -> Reply | Pending:
         txn, body = self.txn, self.body
         assert txn is not None and body is not None
         if event.error is not None:
             self.daemon.metrics.protocol_errors.labels("bad_message").inc()
             self._end_transaction("rejected", event.error, event.size)
             return event.error
-        return txn.finish(body, self._received_header(txn))
+        if self.discard:
+            # DISCARD takes the whole message, also for recipients a backend already accepted.
+            txn.abort()
+            self._end_transaction("discarded", replies.DISCARDED, event.size)
+            return replies.DISCARDED
+        fut = txn.finish(body, self._received_header(txn))
+        return Pending(fut, lambda reply: self._after_message(event, reply))
 
-    def _after_message(self, event: MessageComplete, reply: Reply) -> None:
+    def _after_message(self, event: MessageComplete, reply: Reply) -> Reply:
         txn = self.txn
         if self.body is not None:
             self.body.close()
             self.body = None
         if txn is None:
-            return
+            return reply
         delivery = self.daemon.metrics.backend_delivery
         for part in txn.parts.values():
             if part.delivery_seconds is not None:
                 delivery.labels(part.pool.name, part.server).observe(part.delivery_seconds)
         outcome = "relayed" if reply.code == 250 else ("deferred" if reply.is_transient else "rejected")
         self._end_transaction(outcome, reply, event.size)
+        return reply
 
     def _end_transaction(self, outcome: str, reply: Reply | None = None, size: int | None = None) -> None:
         txn, self.txn = self.txn, None
@@ -340,6 +458,11 @@ class Session(asyncio.Protocol):
         self.say_and_close(replies.INTERNAL, "I" + self._phase(False))
 
     def _finish_session(self) -> None:
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
+        if self.screen is not None:
+            self.screen.close()
         if self.daemon.release(self) is False:
             return          # never admitted
         self._end_transaction("abandoned")

@@ -264,12 +264,18 @@ class FailingServer(SilentServer):
         self._sock.sendto(reply.to_wire(), peer)
 
 
-if __name__ == "__main__":      # python tests/dns_server.py: run it by hand until Ctrl-C
+def _serve_by_hand() -> None:
+    """``python tests/dns_server.py``: serve until SIGINT or SIGTERM, then stop dnsmasq."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):   # set both: a background job ignores SIGINT
+        signal.signal(sig, lambda *_: stop.set())
     with DnsServer() as server:
-        print(f"dnsmasq (pid {server.popen.pid if server.popen else '?'}) on {server.nameserver}; "
+        pid = server.popen.pid if server.popen else "?"
+        print(f"dnsmasq (pid {pid}) on {server.nameserver}; "
               f"dig -p {server.port} @{HOST} 2.0.0.127.{BL_ZONE}", flush=True)
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
+        while not stop.wait(0.5):
             pass
 
+
+if __name__ == "__main__":
+    _serve_by_hand()

@@ -44,6 +44,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vipd.policy.access import AccessError, AccessMap, load_access
+from vipd.policy.dnsbl import check_template
 from vipd.routing import RouteTable, RoutesError, load_routes
 
 __all__ = [
@@ -424,6 +425,12 @@ def _check_answer_range(text: str) -> str:
     return text
 
 
+def _check_dnsbl_template(text: str) -> str:
+    _check_line(text)
+    check_template(text)        # names the unknown $field
+    return text
+
+
 def _server_shorthand(value: object) -> object:
     """Expand the shorthand "host:port" into { address = "host:port" }."""
     if isinstance(value, str):
@@ -447,6 +454,7 @@ Positive = Annotated[int, Field(ge=1)]
 Network = Annotated[str, _string_field(_check_network, 'a string "address/prefix"')]
 Domain = Annotated[str, _string_field(_check_domain)]
 AnswerRange = Annotated[str, _string_field(_check_answer_range)]
+DnsblTemplate = Annotated[str, _string_field(_check_dnsbl_template)]
 # Range checks with an RFC-citing reason rather than pydantic's bare "must be >= N".
 CommandLineLimit = Annotated[int, AfterValidator(_check_command_line_limit)]
 TextLineLimit = Annotated[int, AfterValidator(_check_text_line_limit)]
@@ -515,9 +523,9 @@ class _VipTable(_Schema):
     trusted_networks: Annotated[tuple[Network, ...], Array()] = ()
     dnsbl: Annotated[tuple[_DnsblTable, ...], Array()] = ()
     dnsbl_threshold: Annotated[int, Field(ge=1)] = 1
-    dnsbl_reply: Line | None = None
+    dnsbl_reply: DnsblTemplate | None = None
     delay_checks: bool = False
-    helo_strict: bool = True
+    helo_strict: bool = False   # True: Postfix's reject_non_fqdn_helo_hostname too
     reject_unknown_helo: bool = False
     check_sender_domain: bool = True
     greet_delay_seconds: Annotated[float, Field(ge=0)] = 0.0

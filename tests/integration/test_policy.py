@@ -161,7 +161,7 @@ def test_dns_down_mail_flows_or_4xx_never_a_5xx(lab):
         assert code == 451 and text.startswith(b"4.4.3"), (code, text)
 
 
-DMZ_ACCESS = f"""# the email-DMZ design's access file, unchanged but for loopback addresses
+DMZ_ACCESS = """# the email-DMZ design's access file, unchanged but for loopback addresses
 10 RELAY
 192.168 RELAY
 localhost RELAY

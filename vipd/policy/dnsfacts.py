@@ -184,7 +184,8 @@ class DnsFacts:
 
     # --- the facts ------------------------------------------------------------------------------
 
-    async def dnsbl(self, ip: str, zones: Sequence[Zone], *, unmap: bool = True) -> dict[str, ZoneAnswer]:
+    async def dnsbl(self, ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address, zones: Sequence[Zone],
+                    *, unmap: bool = True) -> dict[str, ZoneAnswer]:
         """Look ``ip`` up in every zone at once: zone name -> ListingFacts, None or TimeoutFacts.
 
         ``unmap``: as for :func:`~vipd.policy.dnsbl.query_name`.

@@ -439,7 +439,7 @@ host_keys = st.one_of(ip_key, literal_key, name_key)
 address_keys = st.one_of(user_key, full_key)
 
 tables = st.tuples(
-    st.dictionaries(host_keys, st.sampled_from(_VALUES), min_size=4, max_size=30),
+    st.dictionaries(host_keys, st.sampled_from([*_VALUES, "SKIP", "SKIP"]), min_size=4, max_size=30),
     st.dictionaries(address_keys, st.sampled_from([v for v in _VALUES if v != "SKIP"]), min_size=2, max_size=12),
 ).map(lambda pair: {**pair[0], **pair[1]})
 

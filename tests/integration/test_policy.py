@@ -208,3 +208,45 @@ def test_per_client_session_limit_and_pregreet(lab, dns):
         sock.sendall(b"EHLO too.early.example\r\n")          # before the greeting
         data = sock.recv(1024)
     assert data.startswith(b"554 5.5.1"), data
+
+
+def test_connection_rate_limit_per_client(lab, dns):
+    sink = lab.sink("a")
+    vipd = lab.vipd(_config(sink, dns, extra="max_connections_per_client_per_minute = 3"))
+    for _ in range(3):
+        _client(vipd, CLEAN).quit()
+    with pytest.raises(smtplib.SMTPConnectError) as err:
+        _client(vipd, CLEAN)
+    assert err.value.smtp_code == 421 and b"rate" in err.value.smtp_error
+    _client(vipd, OTHER).quit()
+
+
+def test_refused_recipient_budget_ends_the_session(lab, dns):
+    sink = lab.sink("a")
+    vipd = lab.vipd(_config(sink, dns, extra="max_refused_recipients = 3"))
+    with _client(vipd, OTHER) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@good.example")[0] == 250
+        codes = [smtp.docmd(f"RCPT TO:<u{i}@foreign.example>")[0] for i in range(3)]
+    assert codes == [550, 550, 421]
+    assert "term=PR" in wait_for(lambda: "session client=" in vipd.log() and vipd.log())
+
+
+def test_refuse_load_answers_421_at_connect(lab, dns):
+    import os as _os
+    if _os.getloadavg()[0] <= 0.0:
+        pytest.skip("the load average is exactly 0 here")
+    sink = lab.sink("a")
+    vipd = lab.vipd(_config(sink, dns, extra="refuse_load = 0.000001"))
+    with pytest.raises(smtplib.SMTPConnectError) as err:
+        _client(vipd, CLEAN)
+    assert err.value.smtp_code == 421 and err.value.smtp_error.startswith(b"4.3.2")
+
+
+def test_unknown_helo_refused_when_asked(lab, dns):
+    sink = lab.sink("a")
+    vipd = lab.vipd(_config(sink, dns, extra="reject_unknown_helo = true"))
+    with _client(vipd, CLEAN) as smtp:
+        code, text = smtp.docmd("EHLO nowhere.bad.example")
+        assert code == 450 and text.startswith(b"4.7.1"), (code, text)
+        assert smtp.docmd("EHLO helo.good.example")[0] == 250

@@ -19,7 +19,9 @@ Values: ``OK``, ``RELAY``, ``REJECT``, ``DISCARD``, ``SKIP`` (stop this search a
 found; host, domain and network keys only), and ``ERROR:[D.S.N:]### text``, the text optionally in
 double quotes (also the deprecated bare ``### text``). ``QUARANTINE:`` is refused: vipd does not
 quarantine. A 5xx error rejects, a 4xx one tempfails, 421 disconnects; an error without an
-enhanced status gets 5.7.1 / 4.7.1 (sendmail would say x.0.0, which its own README calls wrong).
+enhanced status gets 5.7.1 / 4.7.1 (sendmail derives x.0.0); the status class must match the code.
+REJECT answers ``550 5.7.1 Access denied``, or for a recipient sendmail's
+``550 5.2.1 Mailbox disabled for this recipient``. Every bad line is an error: nothing is guessed.
 
 Lookups (each tries ``Tag:key`` then ``key`` at every step; the first entry found decides):
 
@@ -28,7 +30,8 @@ Lookups (each tries ``Tag:key`` then ``key`` at every step; the first entry foun
   pass only a forward-confirmed name, as sendmail's ``${client_name}`` is.
 * sender and recipient: ``user@domain``, then ``user@``, then the domain and its parents
   (SearchList ``<F:> <U:> <D:>``); ``user+detail`` also tries ``user+*`` and ``user``.
-  Recipient ``user@`` entries apply only to our own domains, as in FEATURE(blacklist_recipients).
+  Recipient ``user@`` entries apply only to our own domains, as in FEATURE(blacklist_recipients)
+  (the caller says which with ``local=``).
   The null sender is never looked up: check_mail accepts ``<>`` before consulting the map.
 
 Relaying follows FEATURE(relay_hosts_only): `client_relays` and `relays_to` match host names
@@ -390,7 +393,8 @@ def _parse_key(raw: str) -> tuple[_Key | None, str | None]:
         return None, (f"bad key {_quote(raw)}: an IP network only matches Connect: lookups "
                       "(an address literal in an e-mail address is written [192.0.2.1])")
     if space in ("user", "full") and tag == "connect":
-        return None, f"bad key {_quote(raw)}: Connect: keys are host names or IP networks, not e-mail addresses"
+        return None, (f"bad key {_quote(raw)}: Connect: keys are host names or IP networks, "
+                      "not e-mail addresses")
     return (tag, space, canon), None
 
 
@@ -482,7 +486,8 @@ def _parse_value(raw: str, lineno: int) -> tuple[_Entry | None, str | None]:
     keyword = words[0].upper()
     if keyword in _KEYWORDS:
         if len(words) > 1:
-            return None, f"unexpected text after {keyword}: {_quote(' '.join(words[1:]))} (comments go on their own line)"
+            extra = _quote(" ".join(words[1:]))
+            return None, f"unexpected text after {keyword}: {extra} (comments go on their own line)"
         return _Entry(_KEYWORDS[keyword], None, lineno), None
     upper = raw.upper()
     if upper.startswith("ERROR:"):

@@ -106,7 +106,7 @@ def test_paper_senders(paper: AccessMap) -> None:
 def test_paper_recipients(paper: AccessMap) -> None:
     assert kind(paper.lookup_recipient(addr("<user@mydomain.com>"))) == "reject"
     assert kind(paper.lookup_recipient(addr("<bob@spammer.com>"))) == "reject"
-    assert paper.lookup_recipient(addr("<bob@mydomain.com>")).check == CHECK_RECIPIENT  # type: ignore[union-attr]
+    assert paper.lookup_recipient(addr("<bob@mydomain.com>")) == Verdict("relay", None, CHECK_RECIPIENT)
     assert paper.lookup_recipient(addr("<bob@example.org>")) is None
 
 
@@ -296,7 +296,8 @@ def test_bad_client_address_raises_value_error(paper: AccessMap) -> None:
 ])
 def test_error_values(value: str, expected_kind: str, reply: Reply) -> None:
     amap = parse_access(f"From:x.example {value}\n", "t")
-    assert amap.lookup_sender(addr("<a@x.example>")) == Verdict(expected_kind, reply, CHECK_SENDER)  # type: ignore[arg-type]
+    verdict = amap.lookup_sender(addr("<a@x.example>"))
+    assert verdict == Verdict(expected_kind, reply, CHECK_SENDER)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("value", "expected_kind"), [
@@ -430,7 +431,8 @@ _EXPECT = {"OK": ("ok", None), "RELAY": ("relay", None), "REJECT": ("reject", 55
 ipv4_prefix = st.lists(st.sampled_from(_OCTETS), min_size=1, max_size=4).map(".".join)
 domain = st.lists(st.sampled_from(_LABELS), min_size=1, max_size=3).map(".".join)
 ip_key = st.tuples(st.sampled_from(["", "connect:"]), ipv4_prefix)
-literal_key = st.tuples(st.sampled_from(["", "connect:", "from:", "to:"]), ipv4_prefix.map(lambda p: f"[{p}]"))
+literal_key = st.tuples(st.sampled_from(["", "connect:", "from:", "to:"]),
+                        ipv4_prefix.map(lambda p: f"[{p}]"))
 name_key = st.tuples(st.sampled_from(["", "connect:", "from:", "to:"]), domain)
 user_key = st.tuples(st.sampled_from(["", "from:", "to:"]), st.sampled_from(["u@", "v@", "u+*@"]))
 full_key = st.tuples(st.sampled_from(["", "from:", "to:"]),
@@ -440,7 +442,8 @@ address_keys = st.one_of(user_key, full_key)
 
 tables = st.tuples(
     st.dictionaries(host_keys, st.sampled_from([*_VALUES, "SKIP", "SKIP"]), min_size=4, max_size=30),
-    st.dictionaries(address_keys, st.sampled_from([v for v in _VALUES if v != "SKIP"]), min_size=2, max_size=12),
+    st.dictionaries(address_keys, st.sampled_from([v for v in _VALUES if v != "SKIP"]),
+                    min_size=2, max_size=12),
 ).map(lambda pair: {**pair[0], **pair[1]})
 
 
@@ -521,7 +524,8 @@ def near_ip(table: dict[tuple[str, str], str]) -> st.SearchStrategy[str]:
 
 def near_name(table: dict[tuple[str, str], str]) -> st.SearchStrategy[str]:
     """Random names, and names at or below the table's domains."""
-    known = sorted({key.rpartition("@")[2] for _, key in table if key[:1].isalpha() and not key.endswith("@")})
+    known = sorted({key.rpartition("@")[2] for _, key in table
+                    if key[:1].isalpha() and not key.endswith("@")})
     if not known:
         return names
     return names | st.tuples(st.lists(st.sampled_from(_LABELS + ["c"]), max_size=2),

@@ -28,6 +28,7 @@ from ..smtp.replies import Reply
 from ..smtp.server import (ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
                            ServerConnection, Sentinel, State, standard_reply)
 from .body import Body
+from ..policy.limits import check_pregreet, check_refused_recipients
 from ..policy.verdict import ACCEPT, Verdict
 from .forward import ClientFacts, Transaction
 from .screen import Screen
@@ -119,12 +120,10 @@ class Session(asyncio.Protocol):
         self._greet_timer = None
         if self._closed:
             return
-        if self.conn.buffered:
-            self.log.info(f"{self.sid}: reject " + fmt(client=self._client(), check="pregreet",
-                                                       reply=str(replies.PREGREET)))
-            self.daemon.count_verdict("pregreet", "disconnect")
+        verdict = check_pregreet(self.conn.buffered)
+        if verdict.refuses:
+            self._reply(self._refuse(verdict))
             self.term = "PC"
-            self._reply(replies.PREGREET)
         else:
             self._reply(replies.greeting(self.vip.banner))
         if self.conn.closed:
@@ -322,9 +321,10 @@ class Session(asyncio.Protocol):
         """Count a refused recipient; past the budget the session ends (a dictionary attack)."""
         self.rcpts_refused += 1
         self.refused_rcpts_total += 1
-        if self.refused_rcpts_total >= self.vip.max_refused_recipients:
+        verdict = check_refused_recipients(self.refused_rcpts_total, self.vip.max_refused_recipients)
+        if verdict.refuses:
             self.term = "PR"
-            return replies.TOO_MANY_REFUSED_RCPTS
+            return self._refuse(verdict, rcpt=event.address)
         return reply
 
     def _refuse(self, verdict: Verdict, *, helo: str | None = None, sender=None, rcpt=None) -> Reply:

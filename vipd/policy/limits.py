@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from ..smtp.replies import Reply
 from .verdict import ACCEPT, Verdict
 
-__all__ = ["ClientLimiter", "TOO_MANY_FROM_CLIENT", "RATE_EXCEEDED", "OVERLOADED"]
+__all__ = ["ClientLimiter", "check_load", "check_pregreet", "check_refused_recipients",
+           "TOO_MANY_FROM_CLIENT", "RATE_EXCEEDED", "OVERLOADED", "PREGREET", "TOO_MANY_REFUSED_RCPTS"]
 
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 RATE_EXCEEDED = Reply(421, "4.7.0", "Connection rate limit exceeded, try again later")
 OVERLOADED = Reply(421, "4.3.2", "System load too high, try again later")
+PREGREET = Reply(554, "5.5.1", "Protocol error: you talked before the greeting")
+TOO_MANY_REFUSED_RCPTS = Reply(421, "4.7.0", "Too many refused recipients, closing connection")
 
 WINDOW_SECONDS = 60.0
 
@@ -62,4 +65,18 @@ def check_load(load_1min: float, refuse_load: float | None) -> Verdict:
     """sendmail's RefuseLA: above it, new connections are refused."""
     if refuse_load is not None and load_1min > refuse_load:
         return Verdict("disconnect", OVERLOADED, "refuse_load")
+    return ACCEPT
+
+
+def check_pregreet(bytes_before_greeting: int) -> Verdict:
+    """postscreen's pregreet test: an SMTP client waits for the 220; a bot often does not."""
+    if bytes_before_greeting:
+        return Verdict("disconnect", PREGREET, "pregreet")
+    return ACCEPT
+
+
+def check_refused_recipients(refused: int, budget: int) -> Verdict:
+    """After ``budget`` refused recipients in one session (a dictionary attack), close it."""
+    if refused >= budget:
+        return Verdict("disconnect", TOO_MANY_REFUSED_RCPTS, "refused_recipients")
     return ACCEPT

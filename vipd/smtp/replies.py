@@ -146,7 +146,5 @@ BARE_LINE_ENDING = Reply(550, "5.6.0", "Message contains bare CR or LF; lines mu
 NUL_IN_DATA = Reply(550, "5.6.0", "Message contains NUL bytes")
 BAD_EIGHTBIT = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
-TOO_MANY_REFUSED_RCPTS = Reply(421, "4.7.0", "Too many refused recipients, closing connection")
-PREGREET = Reply(554, "5.5.1", "Protocol error: you talked before the greeting")
 # sendmail DISCARD: the client is told the message was accepted; it is thrown away.
 DISCARDED = Reply(250, "2.0.0", "Ok")

@@ -36,3 +36,17 @@ def test_refuse_load():
     assert check_load(13.0, 12.0).reply.status == "4.3.2"
     assert not check_load(11.0, 12.0).refuses
     assert not check_load(99.0, None).refuses
+
+
+def test_pregreet():
+    from vipd.policy.limits import check_pregreet
+    assert not check_pregreet(0).refuses
+    verdict = check_pregreet(5)
+    assert verdict.kind == "disconnect" and verdict.reply.code == 554 and verdict.check == "pregreet"
+
+
+def test_refused_recipient_budget():
+    from vipd.policy.limits import check_refused_recipients
+    assert not check_refused_recipients(2, 3).refuses
+    verdict = check_refused_recipients(3, 3)
+    assert verdict.reply.code == 421 and verdict.reply.status == "4.7.0"

@@ -43,6 +43,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from vipd.errors import VipdError
 from vipd.policy.access import AccessError, AccessMap, load_access
 from vipd.policy.dnsbl import check_template
 from vipd.routing import RouteTable, RoutesError, load_routes
@@ -90,7 +91,7 @@ _DNS_PORT = 53
 # --- Output values -----------------------------------------------------------------------------
 
 
-class ConfigError(Exception):
+class ConfigError(VipdError):
     """The configuration is unusable; `errors` holds every reason, one "file: key: reason" each."""
 
     def __init__(self, errors: list[str]) -> None:

@@ -342,3 +342,12 @@ def test_ehlo_in_a_transaction_abandons_it(lab):
     [msg] = wait_for(lambda: a.messages())
     assert msg.envelope["mail_from"] == "new@example.org"
     assert msg.envelope["rcpt_to"] == ["kept@example.com"]
+
+
+def test_pool_helo_name_is_what_backends_see(lab):
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a, extra_pool='helo_name = "relay.pool.test"'))
+    with vipd.smtp() as smtp:
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: h\r\n\r\nx\r\n")
+    [msg] = wait_for(lambda: a.messages())
+    assert msg.envelope["helo"] == "relay.pool.test"

@@ -29,7 +29,7 @@ from ..policy.limits import ClientLimiter, check_load
 from ..smtp.replies import Reply
 from ..smtp.server import Limits
 from .pools import PoolRuntime
-from .screen import Screen, zones_for
+from .screen import Prepared, Screen, prepare
 from .session import Session, limits_for
 
 __all__ = ["Daemon"]
@@ -64,7 +64,7 @@ class Daemon:
         self._date = (0, "")
         self._admin = None
         self._limiters: dict[str, ClientLimiter] = {}
-        self._zones: dict[str, tuple] = {}
+        self._prepared: dict[str, Prepared] = {}
         self.dns: DnsFacts | None = None
         self._apply(config)
         if worker is None:
@@ -80,7 +80,7 @@ class Daemon:
         for name in [n for n in self.pools if n not in config.pools]:
             self.pools.pop(name).close()
         self.limits = {name: limits_for(vip) for name, vip in config.vips.items()}
-        self._zones = {}
+        self._prepared = {}
         if config.nameservers != getattr(self.config, "nameservers", None) or self.dns is None:
             self.dns = _dns_facts(config, self.metrics)
         self.config = config
@@ -156,11 +156,13 @@ class Daemon:
 
     def screen(self, session: Session) -> Screen:
         vip = session.vip
-        zones = self._zones.get(vip.name)
-        if zones is None:
-            zones = self._zones[vip.name] = zones_for(vip)
-        ours = frozenset(h for addrs in self.bound.values() for h, _ in addrs)
-        return Screen(vip, session.ip, self.dns, ours, zones)
+        prepared = self._prepared.get(vip.name)
+        if prepared is None or session.vip is not self.config.vips.get(vip.name):
+            ours = frozenset(h for addrs in self.bound.values() for h, _ in addrs)
+            prepared = prepare(vip, ours)
+            if vip is self.config.vips.get(vip.name):
+                self._prepared[vip.name] = prepared
+        return Screen(vip, session.ip, self.dns, prepared)
 
     def count_verdict(self, check: str, kind: str) -> None:
         self.metrics.policy_verdicts.labels(check, kind).inc()
@@ -225,6 +227,7 @@ class Daemon:
                 self.bound.setdefault(name, []).append((bound[0], bound[1]))
                 if self.worker is None:     # the supervisor says it once for all workers
                     self.log.info("listening " + fmt(vip=name, address=_addr(bound[0], bound[1])))
+        self._prepared = {}             # our own addresses may have changed
         self.log.flush()
 
     def _new_session(self, vip_name: str) -> Session:

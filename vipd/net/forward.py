@@ -194,7 +194,7 @@ class Transaction:
     async def _envelope(self, pool: PoolRuntime, lease: Lease, rcpts: list[Address]) -> list[Reply]:
         conn = lease.conn
         if lease.pool_identity == "xclient" and "XCLIENT" in conn.extensions:
-            await self._xclient(lease)
+            await self._xclient(lease, pool.helo(self.helo_name))
         lines = [self._mail_line(lease), *(rcpt_command(r) for r in rcpts)]
         return await conn.send_group(lines)
 
@@ -216,7 +216,7 @@ class Transaction:
             return False
         return lease.conn.xclient != self._xclient_attrs(lease)
 
-    async def _xclient(self, lease: Lease) -> None:
+    async def _xclient(self, lease: Lease, helo_name: str) -> None:
         """Tell the backend who the client is (unless this connection already names that client);
         the backend answers with a new greeting, so EHLO again."""
         conn = lease.conn
@@ -228,7 +228,7 @@ class Transaction:
             # The backend does not trust us with XCLIENT: carry on without it, and stop asking.
             conn.extensions.pop("XCLIENT", None)
             return
-        await conn.ehlo(self.helo_name)
+        await conn.ehlo(helo_name)
         conn.xclient = attrs
 
     def _lost(self, part: Part, exc: Exception) -> None:

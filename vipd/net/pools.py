@@ -101,13 +101,17 @@ class PoolRuntime:
                 return Lease(backend, conn, True, self.cfg.identity)
             try:
                 conn = await open_connection(endpoint.host, endpoint.port, server_name=backend.name,
-                                             helo_name=helo_name, timeouts=self.timeouts)
+                                             helo_name=self.helo(helo_name), timeouts=self.timeouts)
             except BackendError as exc:
                 self.mark_failed(backend, exc)
                 exclude.add(backend.name)
                 continue
             self.balancer.acquire(backend)
             return Lease(backend, conn, False, self.cfg.identity)
+
+    def helo(self, vip_hostname: str) -> str:
+        """Our EHLO name to these backends: the pool's ``helo_name``, else the VIP's hostname."""
+        return self.cfg.helo_name or vip_hostname
 
     def lease_idle(self, client_ip: str, exclude: set[str]) -> tuple[Backend | None, Lease | None]:
         """Without waiting: the server the balancer picks, and an idle connection to it if one is kept.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import VipConfig
@@ -28,30 +29,39 @@ from ..smtp.commands import Address
 if TYPE_CHECKING:
     from ..policy.dnsfacts import DnsFacts
 
-__all__ = ["Screen", "zones_for"]
+__all__ = ["Screen", "Prepared", "prepare"]
 
 
-def zones_for(vip: VipConfig) -> tuple[Zone, ...]:
-    return tuple(Zone(z.zone, z.weight, z.accept) for z in vip.dnsbl)
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What every session of one VIP shares, worked out once per config (not per connection)."""
+
+    zones: tuple[Zone, ...]
+    relay_domains: frozenset[str]
+    our_addresses: frozenset[str]
+
+
+def prepare(vip: VipConfig, our_addresses: frozenset[str]) -> Prepared:
+    return Prepared(tuple(Zone(z.zone, z.weight, z.accept) for z in vip.dnsbl),
+                    normalize_relay_domains(vip.relay_domains), our_addresses)
 
 
 class Screen:
     """Per session: what the checks found out about the client, and their verdicts."""
 
-    def __init__(self, vip: VipConfig, ip: str, dns: DnsFacts | None, our_addresses: frozenset[str],
-                 zones: tuple[Zone, ...]) -> None:
+    def __init__(self, vip: VipConfig, ip: str, dns: DnsFacts | None, prepared: Prepared) -> None:
         self.vip = vip
         self.ip = ip
         self.dns = dns
-        self.our_addresses = our_addresses
-        self.zones = zones
+        self.our_addresses = prepared.our_addresses
+        self.zones = zones = prepared.zones
         access = vip.access
         client = access.lookup_client(ip, None) if access is not None else None
         self.client_verdict: Verdict = client or ACCEPT
         # relay_hosts_only: only IP entries (and exact host names, which we do not look up) relay.
         self.may_relay = (_in_networks(ip, vip.trusted_networks)
                           or (access is not None and access.client_relays(ip, None)))
-        self._relay_domains = normalize_relay_domains(vip.relay_domains)
+        self._relay_domains = prepared.relay_domains
         self.sender_verdict: Verdict = ACCEPT
         self._dnsbl: asyncio.Future[Verdict] | None = None
         skip_lists = self.client_verdict.kind in ("ok", "relay") or self.may_relay

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real SMTP clients and servers from Debian (root only; elsewhere the tests that need them skip,
+# Real SMTP clients and servers, HAProxy (it uses our health agent) and headless Chromium (the status
+# page) from Debian (root only; elsewhere the tests that need them skip,
 # except in CI, where a missing one fails).
-apt_packages=(swaks libnet-ssleay-perl dnsmasq)
+apt_packages=(swaks libnet-ssleay-perl dnsmasq haproxy chromium)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -55,6 +55,7 @@ __all__ = [
     "ConfigError",
     "Endpoint",
     "FrozenMap",
+    "HealthConfig",
     "Identity",
     "LogLevel",
     "PoolConfig",
@@ -198,6 +199,30 @@ class VipConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """A pool's `health` table. `smtp` False: no active SMTP check (absent table: no checks at all).
+
+    Passive checks and slow start work with or without active checks.
+    """
+
+    smtp: bool = False
+    interval_seconds: float = 2.0
+    timeout_seconds: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    require: str | None = None       # an EHLO keyword the server must list
+    agent_port: int | None = None
+    agent_interval_seconds: float = 2.0
+    slowstart_seconds: float = 0.0
+    passive_failures: int = 3        # 0: no outlier ejection
+
+    @property
+    def active(self) -> bool:
+        """Whether anything checks the servers actively (an SMTP check or an agent)."""
+        return self.smtp or self.agent_port is not None
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     """A `[pool.NAME]` of backends. `helo_name` None means: the hostname of the VIP being served."""
 
@@ -215,13 +240,16 @@ class PoolConfig:
     max_idle_per_server: int
     idle_timeout_seconds: float
     max_transactions_per_connection: int
+    health: HealthConfig = HealthConfig()
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    """The `[admin]` HTTP listener."""
+    """The `[admin]` HTTP listener. `token`: the bearer token every API call must carry (required
+    when the listener is not on loopback)."""
 
     listen: Endpoint
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,6 +506,19 @@ class _ServerTable(_Schema):
 _ServerEntry = Annotated[_ServerTable, BeforeValidator(_server_shorthand)]
 
 
+class _HealthTable(_Schema):
+    smtp: bool = True
+    interval_seconds: Seconds = 2.0
+    timeout_seconds: Seconds | None = None      # default: the interval
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    require: Token | None = None
+    agent_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    agent_interval_seconds: Seconds | None = None   # default: the interval
+    slowstart_seconds: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    passive_failures: Annotated[int, Field(ge=0, le=1000)] = 3
+
+
 class _PoolTable(_Schema):
     balance: Balance = "roundrobin"
     servers: Annotated[tuple[_ServerEntry, ...], Array(min_length=1)]
@@ -492,6 +533,7 @@ class _PoolTable(_Schema):
     max_idle_per_server: Annotated[int, Field(ge=0)] = 64
     idle_timeout_seconds: Seconds = 30.0
     max_transactions_per_connection: Positive = 1000
+    health: _HealthTable | None = None
 
 
 class _DnsblTable(_Schema):
@@ -538,6 +580,8 @@ class _VipTable(_Schema):
 
 class _AdminTable(_Schema):
     listen: ListenAddress
+    token: Annotated[str, Field(min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$")] | None = None
+    token_file: PathText | None = None
 
 
 class _Document(_Schema):
@@ -595,6 +639,7 @@ class _Analysis:
             if pool is not None:
                 pools[name] = pool
         self._check_listeners()
+        self._check_admin()
         if self.problems or document is None:
             return None, self.problems
         return self._assemble(document, vips, pools), []
@@ -724,8 +769,39 @@ class _Analysis:
             grace_seconds=document.grace_seconds,
             vips=FrozenMap((name, self._vip(name, *vip)) for name, vip in vips.items()),
             pools=FrozenMap((name, _pool(name, pool)) for name, pool in pools.items()),
-            admin=None if document.admin is None else AdminConfig(listen=document.admin.listen),
+            admin=None if document.admin is None else AdminConfig(document.admin.listen,
+                                                                   self._admin_token(document.admin)),
         )
+
+    def _admin_token(self, admin: _AdminTable) -> str | None:
+        if admin.token_file is None:
+            return admin.token
+        # Checked in pass 2 (_check_admin); unreadable files never get here.
+        return self._relative(admin.token_file).read_text().strip()
+
+    def _check_admin(self) -> None:
+        """A token, from `token` or `token_file`, is required off loopback: the API changes state."""
+        admin = self.data.get("admin")
+        if not isinstance(admin, dict):
+            return
+        token = admin.get("token")
+        file = _salvage(_PATH, admin.get("token_file"))
+        if token is not None and file is not None:
+            self._add(("admin", "token_file"), "give token or token_file, not both")
+        if file is not None:
+            try:
+                text = self._relative(file).read_text().strip()
+            except OSError as exc:
+                self._add(("admin", "token_file"), f"cannot read {self._relative(file)}: {exc.strerror or exc}")
+                return
+            if not 16 <= len(text) <= 256 or not text.isascii() or any(c <= " " for c in text):
+                self._add(("admin", "token_file"), "the token must be 16 to 256 printable characters")
+                return
+            token = text
+        listen = _salvage(_LISTEN, admin.get("listen"))
+        if listen is not None and token is None and not _is_loopback(listen.host):
+            self._add(("admin", "listen"), f"{listen} is not loopback: set token or token_file, "
+                                           "so that only operators can change servers and pools")
 
     def _vip(self, name: str, table: _VipTable, routes: RouteTable | None,
              access: AccessMap | None = None) -> VipConfig:
@@ -744,6 +820,24 @@ class _Analysis:
         return VipConfig(name=name, **fields)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _health(table: _HealthTable | None) -> HealthConfig:
+    if table is None:
+        return HealthConfig()
+    fields = dict(table)
+    fields["timeout_seconds"] = table.timeout_seconds or table.interval_seconds
+    fields["agent_interval_seconds"] = table.agent_interval_seconds or table.interval_seconds
+    return HealthConfig(**fields)
+
+
 def _pool(name: str, table: _PoolTable) -> PoolConfig:
     servers = tuple(
         ServerSpec(
@@ -755,7 +849,7 @@ def _pool(name: str, table: _PoolTable) -> PoolConfig:
         )
         for server in table.servers
     )
-    return PoolConfig(name=name, **{**dict(table), "servers": servers})
+    return PoolConfig(name=name, **{**dict(table), "servers": servers, "health": _health(table.health)})
 
 
 def _expand_privacy(flags: Iterable[str]) -> frozenset[str]:

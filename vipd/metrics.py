@@ -21,6 +21,25 @@ _SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 6
 _SESSION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 
+STATES = ("up", "drain", "down", "maint")
+_HELP = {
+    "active": "Transactions in flight on a server",
+    "selected": "Times the balancer picked a server",
+    "up": "1 if the server may take transactions",
+    "state": "1 for the server's current state (up, drain, down, maint), 0 for the others",
+    "weight": "The server's weight (the operator's runtime weight, else the configured one)",
+    "effective": "The weight the balancer uses now: weight x agent percentage x slow-start ramp",
+    "idle": "Idle connections kept for reuse",
+    "held": "1 while an operator holds the pool (nothing is sent to it)",
+}
+
+
+def _server_values(pool: object) -> Iterable[tuple[list[str], object, int]]:
+    stats = pool.balancer.statistics()  # type: ignore[attr-defined]
+    for s in stats.servers:
+        yield [stats.name, s.name], s, pool.idle_count(s.name)  # type: ignore[attr-defined]
+
+
 class _PoolCollector(Collector):
     """Per-server state, read from the live pools at scrape time."""
 
@@ -28,25 +47,27 @@ class _PoolCollector(Collector):
         self._pools = pools
 
     def collect(self):  # type: ignore[override]
-        active = GaugeMetricFamily("vipd_server_active_transactions",
-                                   "Transactions in flight on a server", labels=["pool", "server"])
-        selected = CounterMetricFamily("vipd_server_selected",
-                                       "Times the balancer picked a server", labels=["pool", "server"])
-        up = GaugeMetricFamily("vipd_server_up", "1 if the server may take transactions",
-                               labels=["pool", "server"])
-        weight = GaugeMetricFamily("vipd_server_weight", "Configured weight", labels=["pool", "server"])
-        idle = GaugeMetricFamily("vipd_backend_idle_connections", "Idle connections kept for reuse",
-                                 labels=["pool", "server"])
+        labels = ["pool", "server"]
+        active = GaugeMetricFamily("vipd_server_active_transactions", _HELP["active"], labels=labels)
+        selected = CounterMetricFamily("vipd_server_selected", _HELP["selected"], labels=labels)
+        up = GaugeMetricFamily("vipd_server_up", _HELP["up"], labels=labels)
+        state = GaugeMetricFamily("vipd_server_state", _HELP["state"], labels=[*labels, "state"])
+        weight = GaugeMetricFamily("vipd_server_weight", _HELP["weight"], labels=labels)
+        effective = GaugeMetricFamily("vipd_server_effective_weight", _HELP["effective"], labels=labels)
+        idle = GaugeMetricFamily("vipd_backend_idle_connections", _HELP["idle"], labels=labels)
+        held = GaugeMetricFamily("vipd_pool_held", _HELP["held"], labels=["pool"])
         for pool in self._pools():
-            stats = pool.balancer.statistics()  # type: ignore[attr-defined]
-            for s in stats.servers:
-                labels = [stats.name, s.name]
-                active.add_metric(labels, s.active)
-                selected.add_metric(labels, s.selected)
-                up.add_metric(labels, 1 if s.usable else 0)
-                weight.add_metric(labels, s.weight)
-                idle.add_metric(labels, pool.idle_count(s.name))  # type: ignore[attr-defined]
-        yield from (active, selected, up, weight, idle)
+            held.add_metric([pool.name], 1 if pool.balancer.held else 0)  # type: ignore[attr-defined]
+            for key, s, n_idle in _server_values(pool):
+                active.add_metric(key, s.active)  # type: ignore[attr-defined]
+                selected.add_metric(key, s.selected)  # type: ignore[attr-defined]
+                up.add_metric(key, 1 if s.usable else 0)  # type: ignore[attr-defined]
+                for name in STATES:
+                    state.add_metric([*key, name], 1 if s.state == name else 0)  # type: ignore[attr-defined]
+                weight.add_metric(key, s.current_weight)  # type: ignore[attr-defined]
+                effective.add_metric(key, s.effective_weight)  # type: ignore[attr-defined]
+                idle.add_metric(key, n_idle)
+        yield from (active, selected, up, state, weight, effective, idle, held)
 
 
 class Metrics:
@@ -78,6 +99,12 @@ class Metrics:
             ["pool", "server"], buckets=_LATENCY_BUCKETS, registry=r)
         self.backend_failures = Counter("vipd_backend_failures", "Backend connections that failed",
                                         ["pool", "server"], registry=r)
+        self.server_transitions = Counter("vipd_server_transitions", "Server state changes, by new state",
+                                          ["pool", "server", "state"], registry=r)
+        self.checks = Counter("vipd_health_checks", "Active checks run", ["pool", "kind", "result"],
+                              registry=r)
+        self.check_duration = Histogram("vipd_health_check_duration_seconds", "Active check duration",
+                                        ["pool", "kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.policy_verdicts = Counter("vipd_policy_verdicts", "Early-check decisions",
                                        ["check", "verdict"], registry=r)
         self.dnsbl_duration = Histogram("vipd_dnsbl_lookup_duration_seconds", "DNSBL lookup latency",
@@ -103,25 +130,32 @@ class Metrics:
         if self._selected is None:
             r = self.registry
             labels = ["pool", "server"]
-            self._selected = Counter("vipd_server_selected", "Times the balancer picked a server",
-                                     labels, registry=r)
-            self._active = Gauge("vipd_server_active_transactions", "Transactions in flight on a server",
-                                 labels, registry=r, multiprocess_mode="livesum")
-            self._up = Gauge("vipd_server_up", "1 if the server may take transactions", labels,
-                             registry=r, multiprocess_mode="min")
-            self._weight = Gauge("vipd_server_weight", "Configured weight", labels, registry=r,
+            self._selected = Counter("vipd_server_selected", _HELP["selected"], labels, registry=r)
+            self._active = Gauge("vipd_server_active_transactions", _HELP["active"], labels, registry=r,
+                                 multiprocess_mode="livesum")
+            # "min"/"max" across workers: a server counts as up only if every worker sees it up.
+            self._up = Gauge("vipd_server_up", _HELP["up"], labels, registry=r, multiprocess_mode="min")
+            self._state = Gauge("vipd_server_state", _HELP["state"], [*labels, "state"], registry=r,
+                                multiprocess_mode="max")
+            self._weight = Gauge("vipd_server_weight", _HELP["weight"], labels, registry=r,
                                  multiprocess_mode="max")
-            self._idle = Gauge("vipd_backend_idle_connections", "Idle connections kept for reuse",
-                               labels, registry=r, multiprocess_mode="livesum")
+            self._effective = Gauge("vipd_server_effective_weight", _HELP["effective"], labels,
+                                    registry=r, multiprocess_mode="min")
+            self._idle = Gauge("vipd_backend_idle_connections", _HELP["idle"], labels, registry=r,
+                               multiprocess_mode="livesum")
+            self._held = Gauge("vipd_pool_held", _HELP["held"], ["pool"], registry=r,
+                               multiprocess_mode="max")
         for pool in pools:
-            stats = pool.balancer.statistics()  # type: ignore[attr-defined]
-            for s in stats.servers:
-                key = (stats.name, s.name)
-                delta = s.selected - self._last_selected.get(key, 0)
-                self._last_selected[key] = s.selected
+            self._held.labels(pool.name).set(1 if pool.balancer.held else 0)  # type: ignore[attr-defined]
+            for key, s, n_idle in _server_values(pool):
+                delta = s.selected - self._last_selected.get(tuple(key), 0)  # type: ignore[attr-defined]
+                self._last_selected[tuple(key)] = s.selected  # type: ignore[attr-defined]
                 if delta > 0:
                     self._selected.labels(*key).inc(delta)
-                self._active.labels(*key).set(s.active)
-                self._up.labels(*key).set(1 if s.usable else 0)
-                self._weight.labels(*key).set(s.weight)
-                self._idle.labels(*key).set(pool.idle_count(s.name))  # type: ignore[attr-defined]
+                self._active.labels(*key).set(s.active)  # type: ignore[attr-defined]
+                self._up.labels(*key).set(1 if s.usable else 0)  # type: ignore[attr-defined]
+                for name in STATES:
+                    self._state.labels(*key, name).set(1 if s.state == name else 0)  # type: ignore[attr-defined]
+                self._weight.labels(*key).set(s.current_weight)  # type: ignore[attr-defined]
+                self._effective.labels(*key).set(s.effective_weight)  # type: ignore[attr-defined]
+                self._idle.labels(*key).set(n_idle)

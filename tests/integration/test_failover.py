@@ -63,7 +63,7 @@ def test_kill_one_backend_during_500_messages_over_20_sessions(lab):
     assert len(accepted) == SESSIONS * PER_SESSION, {k: v for k, v in results.items() if v[0] != 250}
     # No 250 without a backend's 250: every relayed line in the log names a backend queue id that exists.
     log = wait_for(lambda: vipd.log().count(" relayed ") >= len(accepted) and vipd.log())
-    assert f"server down pool=incoming server={b.address} check=passive" in log
+    assert f"server down pool=incoming server={b.address} was=up reason=\"passive: " in log
     ids = set(re.findall(r'relayed .*reply="250 2\.0\.0 Ok: queued as (\S+)"', log))
     on_disk = {i for ids_ in stored.values() for i in ids_}
     assert ids <= on_disk

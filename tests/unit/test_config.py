@@ -411,3 +411,47 @@ def test_parse_endpoint(text: str, expected: Endpoint) -> None:
 def test_parse_endpoint_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_endpoint(text)
+
+
+# --- Health and admin ----------------------------------------------------------------------------
+
+
+def test_health_table_defaults_and_no_table(tmp_path: Path) -> None:
+    none = config.load(write(tmp_path, MINIMAL)).pools["incoming"].health
+    assert (none.smtp, none.agent_port, none.active, none.passive_failures) == (False, None, False, 3)
+    text = MINIMAL + "health = { interval_seconds = 0.5, agent_port = 5555, slowstart_seconds = 10 }\n"
+    h = config.load(write(tmp_path, text)).pools["incoming"].health
+    assert (h.smtp, h.interval_seconds, h.timeout_seconds, h.agent_interval_seconds) == (True, 0.5, 0.5, 0.5)
+    assert (h.rise, h.fall, h.agent_port, h.slowstart_seconds, h.active) == (2, 3, 5555, 10.0, True)
+
+
+def test_health_mistakes_are_named(tmp_path: Path) -> None:
+    text = MINIMAL + 'health = { rise = 0, interval_seconds = -1, agent_port = 70000, bogus = 1 }\n'
+    path = tmp_path / "vipd.toml"
+    errors = errors_of(tmp_path, text)
+    assert f"{path}: pool.incoming.health.rise: must be >= 1, got 0" in errors
+    assert any(e.startswith(f"{path}: pool.incoming.health.interval_seconds: ") for e in errors)
+    assert any(e.startswith(f"{path}: pool.incoming.health.agent_port: ") for e in errors)
+    assert any(e.startswith(f"{path}: pool.incoming.health.bogus: ") for e in errors)
+
+
+def test_admin_off_loopback_needs_a_token(tmp_path: Path) -> None:
+    path = tmp_path / "vipd.toml"
+    errors = errors_of(tmp_path, MINIMAL + '[admin]\nlisten = "0.0.0.0:9025"\n')
+    assert errors == [f"{path}: admin.listen: 0.0.0.0:9025 is not loopback: set token or token_file, "
+                      "so that only operators can change servers and pools"]
+    ok = config.load(write(tmp_path, MINIMAL + '[admin]\nlisten = "0.0.0.0:9025"\ntoken = "0123456789abcdef"\n'))
+    assert ok.admin is not None and ok.admin.token == "0123456789abcdef"
+    assert config.load(write(tmp_path, MINIMAL + '[admin]\nlisten = "127.0.0.1:0"\n')).admin.token is None  # type: ignore[union-attr]
+
+
+def test_admin_token_file(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cret-token-0123456789\n")
+    cfg = config.load(write(tmp_path, MINIMAL + '[admin]\nlisten = "[::]:9025"\ntoken_file = "token"\n'))
+    assert cfg.admin is not None and cfg.admin.token == "s3cret-token-0123456789"
+    path = tmp_path / "vipd.toml"
+    (tmp_path / "short").write_text("abc")
+    errors = errors_of(tmp_path, MINIMAL + '[admin]\nlisten = "127.0.0.1:9025"\ntoken_file = "short"\n')
+    assert errors == [f"{path}: admin.token_file: the token must be 16 to 256 printable characters"]
+    errors = errors_of(tmp_path, MINIMAL + '[admin]\nlisten = "127.0.0.1:9025"\ntoken_file = "missing"\n')
+    assert errors == [f"{path}: admin.token_file: cannot read {tmp_path / 'missing'}: No such file or directory"]

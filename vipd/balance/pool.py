@@ -4,11 +4,17 @@ Rules of this module:
 
 - It is pure: no asyncio, sockets, clocks or global randomness. The only chance
   comes from an injected ``random.Random``, so a seeded pool is deterministic.
-- A server qualifies for a pick when it is usable, has weight > 0, is not
-  excluded by name and, when it has ``max_sessions``, is below that cap.
-  Backup servers are considered only when no primary qualifies.
-- Policies that set ``Backend.usable`` (health checks, the forwarder's cool-down
-  after a connect failure) live elsewhere; this module only reads the flag.
+- A server's state is ``up``, ``drain``, ``down`` or ``maint``, worked out from
+  separate inputs that never overwrite each other: the operator's admin state,
+  the active checks' verdict, the agent's last report and the passive hold-off
+  after a failed connection. Which input wins is in ``Backend.state``.
+- A server qualifies for a pick when it is ``up``, has an effective weight > 0,
+  is not excluded by name and, when it has ``max_sessions``, is below that cap.
+  Backup servers are considered only when no primary qualifies; nothing
+  qualifies while the pool is held (the operator's shut-off valve).
+- The effective weight is the weight (the operator's, else the configured one)
+  scaled by the agent's percentage and the slow-start ramp. The policies that
+  set those inputs (health monitor, passive checks, admin API) live elsewhere.
 - Picking counts ``selected``; ``active`` changes only through ``acquire`` and
   ``release``, because a pick may be abandoned before a transaction starts.
 """
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, cast, get_args
 
 __all__ = [
+    "ADMIN_STATES",
     "ALGORITHMS",
     "MAX_WEIGHT",
     "Algorithm",
@@ -37,6 +44,12 @@ __all__ = [
 Algorithm = Literal["roundrobin", "leastconn", "source"]
 ALGORITHMS: frozenset[str] = frozenset(get_args(Algorithm))
 MAX_WEIGHT = 256  # HAProxy's range, so operators' weights carry over unchanged
+State = Literal["up", "drain", "down", "maint"]
+AdminState = Literal["ready", "drain", "maint"]
+ADMIN_STATES: frozenset[str] = frozenset(get_args(AdminState))
+AgentState = Literal["up", "drain", "down", "maint"]
+# Effective weights are weight x percent x percent: integer, so the algorithms stay exact.
+_SCALE = 100 * 100
 
 
 @dataclass(slots=True, eq=False)
@@ -54,14 +67,46 @@ class Backend:
     max_sessions: int | None = None
     active: int = 0  # transactions in flight
     selected: int = 0  # times picked, for metrics
-    usable: bool = True
+    admin: AdminState = "ready"  # the operator's word
+    healthy: bool = True  # active checks (and passive ejection) say it works
+    agent: AgentState = "up"  # the agent's last opinion
+    agent_percent: int = 100  # the agent's weight, 0..100
+    held_off: bool = False  # a fresh connection just failed: left out briefly
+    ramp_percent: int = 100  # slow start after coming back, 1..100
+    weight_override: int | None = None  # the operator's runtime weight
 
     def __post_init__(self) -> None:
         _check_config(self.name, self.weight, self.max_sessions)
 
+    @property
+    def state(self) -> State:
+        """What the server is doing now. An operator's or agent's ``maint`` wins over all; a server
+        that does not work shows ``down`` even while drained, because that is what needs attention."""
+        if self.admin == "maint" or self.agent == "maint":
+            return "maint"
+        if not self.healthy or self.held_off or self.agent == "down":
+            return "down"
+        if self.admin == "drain" or self.agent == "drain":
+            return "drain"
+        return "up"
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "up"
+
+    @property
+    def current_weight(self) -> int:
+        """The weight before scaling: the operator's runtime weight, else the configured one."""
+        return self.weight if self.weight_override is None else self.weight_override
+
+    @property
+    def effective(self) -> int:
+        """The weight the algorithms use, in units of 1/10000 of a weight (exact: no rounding)."""
+        return self.current_weight * self.agent_percent * self.ramp_percent
+
     def qualifies(self, exclude: Collection[str] = ()) -> bool:
         """Whether ``pick`` may return this server right now."""
-        if not self.usable or self.weight <= 0 or self.name in exclude:
+        if self.state != "up" or self.effective <= 0 or self.name in exclude:
             return False
         return self.max_sessions is None or self.active < self.max_sessions
 
@@ -91,6 +136,18 @@ class ServerStatistics:
     usable: bool
     active: int
     selected: int
+    state: State
+    admin: AdminState
+    healthy: bool
+    agent: AgentState
+    agent_percent: int
+    ramp_percent: int
+    current_weight: int
+
+    @property
+    def effective_weight(self) -> float:
+        """The weight the balancer uses now, in the configured weight's units."""
+        return self.current_weight * self.agent_percent * self.ramp_percent / _SCALE
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +157,13 @@ class PoolStatistics:
     name: str
     algorithm: Algorithm
     servers: tuple[ServerStatistics, ...]
+    held: bool = False
 
 
 class Pool:
     """A named set of backends and the algorithm that spreads transactions over them."""
 
-    __slots__ = ("name", "_algorithm", "_backends", "_current", "_rng")
+    __slots__ = ("name", "held", "_algorithm", "_backends", "_current", "_rng")
 
     def __init__(
         self,
@@ -115,6 +173,7 @@ class Pool:
         rng: random.Random | None = None,
     ) -> None:
         self.name = name
+        self.held = False  # the operator's shut-off valve: nothing qualifies
         self._algorithm = _check_algorithm(algorithm)
         self._backends: tuple[Backend, ...] = _unique(tuple(backends))
         # Smooth weighted round robin's running "current weight" per server name.
@@ -154,6 +213,8 @@ class Pool:
         ``exclude`` names servers already tried for this transaction, so a retry
         never lands on the server that just failed it.
         """
+        if self.held:
+            return None
         for backup in (False, True):
             tier = [b for b in self._backends if b.backup == backup and b.qualifies(exclude)]
             if tier:
@@ -190,7 +251,11 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot that metrics can read without seeing later changes."""
         servers = tuple(_snapshot(b) for b in self._backends)
-        return PoolStatistics(self.name, self._algorithm, servers)
+        return PoolStatistics(self.name, self._algorithm, servers, self.held)
+
+    def usable_count(self) -> int:
+        """Servers that could take a transaction now (caps aside), backups included."""
+        return sum(1 for b in self._backends if b.usable and b.effective > 0)
 
     def _choose(self, candidates: Sequence[Backend], client_ip: str) -> Backend:
         if self._algorithm == "roundrobin":
@@ -206,8 +271,9 @@ class Pool:
         total = 0
         best: Backend | None = None
         for b in candidates:
-            self._current[b.name] = self._current.get(b.name, 0) + b.weight
-            total += b.weight
+            w = b.effective
+            self._current[b.name] = self._current.get(b.name, 0) + w
+            total += w
             if best is None or self._current[b.name] > self._current[best.name]:
                 best = b
         assert best is not None, "callers pass at least one candidate"
@@ -219,9 +285,9 @@ class Pool:
         # a tie (floats could split them), and cheaper than Fraction per pick.
         best = candidates[0]
         for b in candidates[1:]:
-            if b.active * best.weight < best.active * b.weight:
+            if b.active * best.effective < best.active * b.effective:
                 best = b
-        tied = [b for b in candidates if b.active * best.weight == best.active * b.weight]
+        tied = [b for b in candidates if b.active * best.effective == best.active * b.effective]
         # Short SMTP transactions leave most servers idle most of the time, so
         # ties are the common case; rotating through them by weight keeps both
         # the spread and the configured ratio.
@@ -236,6 +302,7 @@ class Pool:
         for backup in (False, True):
             tier = [b for b in self._backends if b.backup == backup and b.weight > 0]
             if tier:
+                # Configured weights only count the steps; the steps themselves run on effective ones.
                 for _ in range(self._rng.randrange(sum(b.weight for b in tier))):
                     self._smooth_round_robin(tier)
 
@@ -253,7 +320,7 @@ def _rendezvous_score(backend: Backend, client_ip: str) -> float:
     # workers and restarts must agree on where a client goes.
     digest = hashlib.blake2b(f"{backend.name}\0{client_ip}".encode(), digest_size=8).digest()
     unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # in (0, 1), never 0 or 1
-    return backend.weight / -math.log(unit)
+    return backend.effective / -math.log(unit)
 
 
 def _backend_from(spec: SpecLike) -> Backend:
@@ -271,7 +338,8 @@ def _merge(kept: Backend | None, fresh: Backend) -> Backend:
 
 def _snapshot(b: Backend) -> ServerStatistics:
     return ServerStatistics(
-        b.name, b.address, b.weight, b.backup, b.max_sessions, b.usable, b.active, b.selected
+        b.name, b.address, b.weight, b.backup, b.max_sessions, b.usable, b.active, b.selected,
+        b.state, b.admin, b.healthy, b.agent, b.agent_percent, b.ramp_percent, b.current_weight,
     )
 
 

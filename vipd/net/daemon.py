@@ -28,6 +28,7 @@ from ..policy.dnsfacts import DnsFacts
 from ..policy.limits import ClientLimiter, check_load
 from ..smtp.replies import Reply
 from ..smtp.server import Limits
+from .monitor import Monitor
 from .pools import PoolRuntime
 from .screen import Prepared, Screen, prepare
 from .session import Session, limits_for
@@ -66,6 +67,8 @@ class Daemon:
         self._limiters: dict[str, ClientLimiter] = {}
         self._prepared: dict[str, Prepared] = {}
         self.dns: DnsFacts | None = None
+        self.monitor: Monitor | None = None
+        self.started = time.time()
         self._apply(config)
         if worker is None:
             self.metrics.watch_pools(lambda: list(self.pools.values()))
@@ -76,9 +79,11 @@ class Daemon:
             if name in self.pools:
                 self.pools[name].update(cfg)
             else:
-                self.pools[name] = PoolRuntime(cfg, self._pool_event)
+                self.pools[name] = PoolRuntime(cfg, self)
         for name in [n for n in self.pools if n not in config.pools]:
             self.pools.pop(name).close()
+        if self.monitor is not None:
+            self.monitor.sync(self.pools)
         self.limits = {name: limits_for(vip) for name, vip in config.vips.items()}
         self._prepared = {}
         if config.nameservers != getattr(self.config, "nameservers", None) or self.dns is None:
@@ -86,9 +91,19 @@ class Daemon:
         self.config = config
         self.log.set_level(config.log_level)
 
-    def _pool_event(self, kind: str, pool: str, server: str, detail: str) -> None:
+    # --- what pools report (vipd.net.pools.PoolEvents) ---------------------------------------
+    def transition(self, pool: str, server: str, old: str, new: str, reason: str) -> None:
+        self.metrics.server_transitions.labels(pool, server, new).inc()
+        say = self.log.warning if new == "down" else self.log.info
+        say(f"server {new} " + fmt(pool=pool, server=server, was=old, reason=reason))
+
+    def failure(self, pool: str, server: str, detail: str) -> None:
         self.metrics.backend_failures.labels(pool, server).inc()
-        self.log.warning(f"server {kind} " + fmt(pool=pool, server=server, check="passive", reason=detail))
+        self.log.info("backend failed " + fmt(pool=pool, server=server, reason=detail))
+
+    def checked(self, pool: str, server: str, kind: str, result) -> None:
+        self.metrics.check_duration.labels(pool, kind).observe(result.duration_seconds)
+        self.metrics.checks.labels(pool, kind, "ok" if result.ok else "failed").inc()
 
     def route(self, vip: VipConfig, domain: str) -> PoolRuntime:
         """The pool for a recipient domain, looked up in the current config."""
@@ -244,6 +259,8 @@ class Daemon:
             self._admin = await start_admin(self, self.config.admin.listen.host,
                                             self.config.admin.listen.port)
         self._sweeper = asyncio.ensure_future(self._sweep())
+        self.monitor = Monitor(next(iter(self.config.vips.values())).hostname)
+        self.monitor.sync(self.pools)
         self.log.flush()
 
     async def _sweep(self) -> None:
@@ -309,6 +326,8 @@ class Daemon:
         for server in self._servers.values():
             server.close()
         self._servers.clear()
+        if self.monitor is not None:
+            self.monitor.close()
         for pool in self.pools.values():
             pool.close()
         if self._admin is not None:

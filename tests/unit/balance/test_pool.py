@@ -111,7 +111,7 @@ def test_backup_only_when_no_primary_qualifies(algorithm: str) -> None:
     p1, p2 = pool.backend("p1"), pool.backend("p2")
     assert {names(pool, 1, ip)[0] for ip in client_ips(50)} == {"p1", "p2"}
 
-    p1.usable = False
+    p1.healthy = False
     assert pool.pick("192.0.2.1", exclude={"p2"}).name == "bk"  # type: ignore[union-attr]
     p2.max_sessions = 1
     pool.acquire(p2)
@@ -119,14 +119,14 @@ def test_backup_only_when_no_primary_qualifies(algorithm: str) -> None:
 
     pool.release(p2)
     assert pool.pick("192.0.2.1").name == "p2"  # type: ignore[union-attr]
-    p1.usable = True
+    p1.healthy = True
     assert {names(pool, 1, ip)[0] for ip in client_ips(50)} == {"p1", "p2"}
 
 
 def test_backups_are_balanced_by_the_same_algorithm() -> None:
     backups = [ServerSpec(n, f"{n}:25", 1, backup=True) for n in ("b1", "b2")]
     pool = make_pool("roundrobin", ("p", 1), *backups)
-    pool.backend("p").usable = False
+    pool.backend("p").healthy = False
     assert names(pool, 4) == ["b1", "b2", "b1", "b2"]
 
 
@@ -234,9 +234,9 @@ def test_source_falls_through_deterministically_and_comes_back() -> None:
         fallback = pool.pick(ip, exclude={home})
         assert fallback is not None and fallback.name != home
         assert pool.pick(ip, exclude={home}) is fallback
-        pool.backend(home).usable = False
+        pool.backend(home).healthy = False
         assert pool.pick(ip) is fallback
-        pool.backend(home).usable = True
+        pool.backend(home).healthy = True
         assert names(pool, 1, ip)[0] == home
 
 
@@ -272,7 +272,7 @@ def test_update_keeps_state_of_kept_servers() -> None:
     a, b = pool.backend("a"), pool.backend("b")
     pool.acquire(a)
     names(pool, 3)
-    b.usable = False
+    b.healthy = False
 
     reloaded = [
         ServerSpec("b", "10.0.0.2:25", 5, backup=True),
@@ -342,9 +342,13 @@ specs = st.lists(
 )
 
 
-def qualifies(b: Backend, exclude: Collection[str]) -> bool:
+def qualifies(b: Backend, exclude: Collection[str], held: bool = False) -> bool:
+    # Read straight from the inputs, not from Backend.state: the model must not share the code.
     capped = b.max_sessions is not None and b.active >= b.max_sessions
-    return b.usable and b.weight > 0 and b.name not in exclude and not capped
+    works = b.healthy and not b.held_off and b.admin == "ready" and b.agent == "up"
+    weight = b.weight if b.weight_override is None else b.weight_override
+    scaled = weight * b.agent_percent * b.ramp_percent
+    return not held and works and scaled > 0 and b.name not in exclude and not capped
 
 
 class PoolModel(RuleBasedStateMachine):
@@ -368,7 +372,7 @@ class PoolModel(RuleBasedStateMachine):
         hold=st.booleans(),
     )
     def pick(self, ip: str, exclude: frozenset[str], hold: bool) -> None:
-        eligible = [b for b in self.pool.backends if qualifies(b, exclude)]
+        eligible = [b for b in self.pool.backends if qualifies(b, exclude, self.pool.held)]
         chosen = self.pool.pick(ip, exclude)
         if chosen is None:
             assert not eligible
@@ -390,7 +394,22 @@ class PoolModel(RuleBasedStateMachine):
     @precondition(lambda self: self.pool.backends)
     @rule(data=st.data(), usable=st.booleans())
     def mark(self, data: st.DataObject, usable: bool) -> None:
-        data.draw(st.sampled_from(self.pool.backends)).usable = usable
+        data.draw(st.sampled_from(self.pool.backends)).healthy = usable
+
+    @precondition(lambda self: self.pool.backends)
+    @rule(data=st.data(), admin=st.sampled_from(["ready", "drain", "maint"]),
+          agent=st.sampled_from(["up", "drain", "down", "maint"]), percent=st.sampled_from([0, 1, 50, 100]),
+          ramp=st.sampled_from([1, 30, 100]), held_off=st.booleans(),
+          override=st.none() | st.integers(0, 5))
+    def operate(self, data: st.DataObject, admin: str, agent: str, percent: int, ramp: int,
+                held_off: bool, override: int | None) -> None:
+        b = data.draw(st.sampled_from(self.pool.backends))
+        b.admin, b.agent, b.agent_percent, b.ramp_percent = admin, agent, percent, ramp  # type: ignore[assignment]
+        b.held_off, b.weight_override = held_off, override
+
+    @rule(held=st.booleans())
+    def hold(self, held: bool) -> None:
+        self.pool.held = held
 
     @rule(servers=specs, algorithm=st.none() | st.sampled_from(ALL))
     def update(self, servers: list[ServerSpec], algorithm: str | None) -> None:

@@ -6,6 +6,7 @@ what it prints after binding port 0, and stopped by PID at the end of the test, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from backends.sink import StoredMessage, read_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+CHECK_INTERVAL, CHECK_RISE, CHECK_FALL = 0.3, 2, 2
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
@@ -108,6 +111,63 @@ class Vipd:
         return self.proc.text()
 
 
+@dataclass
+class Agent:
+    proc: Proc
+    load_file: Path
+    port: int
+
+    def set_load(self, load: float) -> None:
+        """Write a /proc/loadavg-format file; the agent reads it afresh on every connection."""
+        tmp = self.load_file.with_suffix(".tmp")
+        tmp.write_text(f"{load:.2f} {load:.2f} {load:.2f} 1/100 12345\n")
+        tmp.replace(self.load_file)
+
+
+class Admin:
+    """The admin API of a running vipd, over HTTP (status, metrics) and through the real vipctl."""
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.token = token
+
+    def get(self, path: str) -> bytes:
+        request = urllib.request.Request(self.url + path)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.read()
+
+    def status(self) -> dict:
+        return json.loads(self.get("/api/status"))
+
+    def server(self, pool: str, name: str) -> dict:
+        found = [s for p in self.status()["pools"] if p["name"] == pool for s in p["servers"] if s["name"] == name]
+        assert found, f"no server {pool}/{name}"
+        return found[0]
+
+    def pool(self, name: str) -> dict:
+        return next(p for p in self.status()["pools"] if p["name"] == name)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample's value from /metrics (None when absent)."""
+        text = self.get("/metrics").decode()
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == (f"{name}{{{want}}}" if want else name):
+                return float(value)
+        return None
+
+    def vipctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        extra = ["--token", self.token] if self.token else []
+        out = subprocess.run([PYTHON, "-m", "vipd.vipctl", "--admin", self.url, *extra, *args],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+
 class Lab:
     """Starts sinks and vipd for one test, and stops them all afterwards."""
 
@@ -133,6 +193,20 @@ class Lab:
         self.procs.append(proc)
         wait_for(lambda: proc_check(proc) and "listening on" in proc.text(), what="sink restart")
         return Sink(proc, sink.store, sink.port, sink.name)
+
+    def agent(self, name: str, load: float, queue_load: float = 8.0, refuse_load: float = 12.0) -> Agent:
+        """A load-average agent (``vipd-agent``) reading its own load file, on a free port."""
+        load_file = self.tmp / f"{name}.loadavg"
+        agent = Agent(None, load_file, 0)  # type: ignore[arg-type]
+        agent.set_load(load)
+        proc = start(name, [PYTHON, "-m", "health.agent", "--listen", "127.0.0.1:0", "--loadavg-file",
+                            str(load_file), "--queue-load", str(queue_load), "--refuse-load", str(refuse_load)],
+                     self.tmp / f"{name}.log")
+        self.procs.append(proc)
+        match = wait_for(lambda: proc_check(proc) and re.search(r"listening on [\d.]+:(\d+)", proc.text()),
+                         what=f"agent {name} to listen")
+        agent.proc, agent.port = proc, int(match.group(1))
+        return agent
 
     def vipd(self, config_text: str, name: str = "vipd", vips: tuple[str, ...] = ("mx",)) -> Vipd:
         cfg = self.tmp / f"{name}.toml"
@@ -187,6 +261,32 @@ servers = [{servers}]
     if admin:
         text += '\n[admin]\nlisten = "127.0.0.1:0"\n'
     return text
+
+
+def health_config(sinks: list[Sink], health: str = "", extra_pool: str = "", names: list[str] | None = None,
+                  agents: dict[str, int] | None = None, admin_extra: str = "") -> str:
+    """One VIP before a pool of named servers with active checks (fast ones, for tests) and an admin API."""
+    names = names or [s.name for s in sinks]
+    servers = []
+    for sink, name in zip(sinks, names):
+        agent = f", agent_port = {agents[name]}" if agents and name in agents else ""
+        servers.append(f'{{ address = "{sink.address}", name = "{name}"{agent} }}')
+    return f"""
+[vip.mx]
+listen = ["127.0.0.1:0"]
+hostname = "mx.vipd.test"
+default_pool = "incoming"
+trusted_networks = ["127.0.0.0/8"]
+
+[pool.incoming]
+servers = [{", ".join(servers)}]
+health = {{ {health or f"interval_seconds = {CHECK_INTERVAL}, rise = {CHECK_RISE}, fall = {CHECK_FALL}"} }}
+{extra_pool}
+
+[admin]
+listen = "127.0.0.1:0"
+{admin_extra}
+"""
 
 
 def raw_session(port: int, data: bytes, *, expect_replies: int, timeout: float = 10.0) -> list[bytes]:

@@ -141,13 +141,14 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ServerSpec:
-    """One backend of a pool; `name` defaults to str(endpoint)."""
+    """One backend of a pool; `name` defaults to str(endpoint); `agent_port` overrides the pool's."""
 
     name: str
     endpoint: Endpoint
     weight: int
     backup: bool
     max_sessions: int | None
+    agent_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,10 +217,6 @@ class HealthConfig:
     slowstart_seconds: float = 0.0
     passive_failures: int = 3        # 0: no outlier ejection
 
-    @property
-    def active(self) -> bool:
-        """Whether anything checks the servers actively (an SMTP check or an agent)."""
-        return self.smtp or self.agent_port is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +498,7 @@ class _ServerTable(_Schema):
     backup: bool = False
     max_sessions: Positive | None = None
     name: Token | None = None
+    agent_port: Annotated[int, Field(ge=1, le=65535)] | None = None
 
 
 _ServerEntry = Annotated[_ServerTable, BeforeValidator(_server_shorthand)]
@@ -846,6 +844,7 @@ def _pool(name: str, table: _PoolTable) -> PoolConfig:
             weight=server.weight,
             backup=server.backup,
             max_sessions=server.max_sessions,
+            agent_port=server.agent_port,
         )
         for server in table.servers
     )

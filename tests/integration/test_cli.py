@@ -67,5 +67,6 @@ def test_vipctl_show_reads_the_admin_listener(lab):
     out = subprocess.run([PYTHON, "-m", "vipd.vipctl", "--admin", f"http://127.0.0.1:{vipd.admin_port}", "show"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert f"server {a.address} address={a.address}" in out.stdout
-    assert "pool incoming balance=roundrobin" in out.stdout
+    assert "pool incoming (roundrobin): 1/1 usable" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.strip().startswith(a.address))
+    assert row.split()[1:4] == [a.address, "UP", "ready"]

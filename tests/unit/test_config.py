@@ -418,11 +418,13 @@ def test_parse_endpoint_refuses(text: str) -> None:
 
 def test_health_table_defaults_and_no_table(tmp_path: Path) -> None:
     none = config.load(write(tmp_path, MINIMAL)).pools["incoming"].health
-    assert (none.smtp, none.agent_port, none.active, none.passive_failures) == (False, None, False, 3)
+    assert (none.smtp, none.agent_port, none.passive_failures) == (False, None, 3)
     text = MINIMAL + "health = { interval_seconds = 0.5, agent_port = 5555, slowstart_seconds = 10 }\n"
     h = config.load(write(tmp_path, text)).pools["incoming"].health
     assert (h.smtp, h.interval_seconds, h.timeout_seconds, h.agent_interval_seconds) == (True, 0.5, 0.5, 0.5)
-    assert (h.rise, h.fall, h.agent_port, h.slowstart_seconds, h.active) == (2, 3, 5555, 10.0, True)
+    assert (h.rise, h.fall, h.agent_port, h.slowstart_seconds) == (2, 3, 5555, 10.0)
+    text = MINIMAL.replace('"10.0.0.11:25"', '{ address = "10.0.0.11:25", agent_port = 7777 }')
+    assert config.load(write(tmp_path, text)).pools["incoming"].servers[0].agent_port == 7777
 
 
 def test_health_mistakes_are_named(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vipd.balance.pool import (
+    ADMIN_STATES,
     ALGORITHMS,
     MAX_WEIGHT,
     Algorithm,
@@ -14,6 +15,7 @@ from vipd.balance.pool import (
 )
 
 __all__ = [
+    "ADMIN_STATES",
     "ALGORITHMS",
     "MAX_WEIGHT",
     "Algorithm",

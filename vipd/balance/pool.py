@@ -72,6 +72,7 @@ class Backend:
     agent: AgentState = "up"  # the agent's last opinion
     agent_percent: int = 100  # the agent's weight, 0..100
     held_off: bool = False  # a fresh connection just failed: left out briefly
+    ejected: bool = False  # passive checks: too many failed transactions in a row
     ramp_percent: int = 100  # slow start after coming back, 1..100
     weight_override: int | None = None  # the operator's runtime weight
 
@@ -84,7 +85,7 @@ class Backend:
         that does not work shows ``down`` even while drained, because that is what needs attention."""
         if self.admin == "maint" or self.agent == "maint":
             return "maint"
-        if not self.healthy or self.held_off or self.agent == "down":
+        if not self.healthy or self.held_off or self.ejected or self.agent == "down":
             return "down"
         if self.admin == "drain" or self.agent == "drain":
             return "drain"
@@ -139,6 +140,7 @@ class ServerStatistics:
     state: State
     admin: AdminState
     healthy: bool
+    ejected: bool
     agent: AgentState
     agent_percent: int
     ramp_percent: int
@@ -339,7 +341,7 @@ def _merge(kept: Backend | None, fresh: Backend) -> Backend:
 def _snapshot(b: Backend) -> ServerStatistics:
     return ServerStatistics(
         b.name, b.address, b.weight, b.backup, b.max_sessions, b.usable, b.active, b.selected,
-        b.state, b.admin, b.healthy, b.agent, b.agent_percent, b.ramp_percent, b.current_weight,
+        b.state, b.admin, b.healthy, b.ejected, b.agent, b.agent_percent, b.ramp_percent, b.current_weight,
     )
 
 

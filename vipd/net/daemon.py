@@ -257,7 +257,7 @@ class Daemon:
         if self.config.admin is not None and self.worker is None:
             from ..admin import start_admin
             self._admin = await start_admin(self, self.config.admin.listen.host,
-                                            self.config.admin.listen.port)
+                                            self.config.admin.listen.port, self.config.admin.token)
         self._sweeper = asyncio.ensure_future(self._sweep())
         self.monitor = Monitor(next(iter(self.config.vips.values())).hostname)
         self.monitor.sync(self.pools)

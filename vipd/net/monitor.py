@@ -34,16 +34,20 @@ class Monitor:
                 ep = server.endpoint
                 if health.smtp:
                     wanted[(pool.name, server.name, "smtp")] = (ep, health, pool.cfg.helo_name)
-                if health.agent_port is not None:
-                    wanted[(pool.name, server.name, "agent")] = (ep, health)
+                port = server.agent_port or health.agent_port
+                if port is not None:
+                    wanted[(pool.name, server.name, "agent")] = (ep, health, port)
         for key in [k for k, (_, spec) in self._tasks.items() if wanted.get(k) != spec]:
             self._tasks.pop(key)[0].cancel()
         for key, spec in wanted.items():
             if key in self._tasks:
                 continue
             pool = pools[key[0]]
-            run = self._smtp if key[2] == "smtp" else self._agent
-            self._tasks[key] = (asyncio.ensure_future(run(pool, key[1], *spec[:2])), spec)  # type: ignore[index]
+            if key[2] == "smtp":
+                task = asyncio.ensure_future(self._smtp(pool, key[1], *spec[:2]))  # type: ignore[index]
+            else:
+                task = asyncio.ensure_future(self._agent(pool, key[1], *spec))  # type: ignore[misc]
+            self._tasks[key] = (task, spec)
 
     async def _smtp(self, pool: PoolRuntime, server: str, ep, health: HealthConfig) -> None:
         helo = pool.cfg.helo_name or self.helo
@@ -56,14 +60,13 @@ class Monitor:
             pool.observe_check(server, result)
             await asyncio.sleep(max(0.0, started + health.interval_seconds - loop.time()))
 
-    async def _agent(self, pool: PoolRuntime, server: str, ep, health: HealthConfig) -> None:
-        assert health.agent_port is not None
+    async def _agent(self, pool: PoolRuntime, server: str, ep, health: HealthConfig, port: int) -> None:
         await asyncio.sleep(random.uniform(0, min(health.agent_interval_seconds, 1.0)))
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             try:
-                report = await agent_check(ep.host, health.agent_port, timeout=health.timeout_seconds)
+                report = await agent_check(ep.host, port, timeout=health.timeout_seconds)
             except (OSError, ValueError) as exc:
                 pool.observe_agent(server, None, f"{type(exc).__name__}: {exc}".rstrip(": "))
             else:

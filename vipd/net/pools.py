@@ -78,6 +78,7 @@ class ServerWatch:
     agent_line: str | None = None
     agent_failures: int = 0
     failures: int = 0                        # consecutive failed transactions
+    passes_since_eject: int = 0              # active checks passed in a row while ejected
     changed_at: float = field(default_factory=time.monotonic)
     ramp_started: float | None = None
     timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
@@ -157,12 +158,12 @@ class PoolRuntime:
         if not cfg.health.smtp:
             # Checks switched off by a reload: nothing would ever bring a checked-down server back.
             for b in self.balancer.backends:
-                if not b.healthy and "eject" not in self.watch[b.name].timers:
-                    self._set(b, "checks off", healthy=True)
-        if cfg.health.agent_port is None:
-            for b in self.balancer.backends:
-                if b.agent != "up" or b.agent_percent != 100:
-                    self._set(b, "agent off", agent="up", agent_percent=100)
+                if not b.healthy or b.ejected and "eject" not in self.watch[b.name].timers:
+                    self._set(b, "active checks off", healthy=True, ejected=False)
+        agents = {s.name for s in cfg.servers if (s.agent_port or cfg.health.agent_port)}
+        for b in self.balancer.backends:
+            if b.name not in agents and (b.agent != "up" or b.agent_percent != 100):
+                self._set(b, "agent off", agent="up", agent_percent=100)
 
     # --- leasing connections -----------------------------------------------------------------
     async def lease(self, client_ip: str, helo_name: str, exclude: set[str],
@@ -245,7 +246,7 @@ class PoolRuntime:
             return
         watch.failures += 1
         limit = self.cfg.health.passive_failures
-        if limit and watch.failures >= limit and backend.healthy:
+        if limit and watch.failures >= limit and not backend.ejected:
             self._eject(backend, watch, f"{watch.failures} failures in a row, last: {exc}")
         if holdoff:
             watch.cancel("holdoff")
@@ -264,21 +265,19 @@ class PoolRuntime:
         self._set(backend, "hold-off over", held_off=False)
 
     def _eject(self, backend: Backend, watch: ServerWatch, reason: str) -> None:
-        watch.failures = 0
-        if self.cfg.health.smtp:
-            # Down until `rise` active checks in a row pass, as if `fall` checks had failed.
-            watch.health.up, watch.health.consecutive = False, 0
-        else:
+        """Out until `rise` active checks in a row pass; without active checks, for EJECT_SECONDS."""
+        watch.failures, watch.passes_since_eject = 0, 0
+        if not self.cfg.health.smtp:
             watch.cancel("eject")
             watch.timers["eject"] = asyncio.get_running_loop().call_later(
-                EJECT_SECONDS, self._end_eject, backend)
-        self._set(backend, f"ejected: {reason}", healthy=False)
+                EJECT_SECONDS, self._end_eject, backend, f"ejection over after {EJECT_SECONDS:g}s")
+        self._set(backend, f"ejected: {reason}", ejected=True)
 
-    def _end_eject(self, backend: Backend) -> None:
+    def _end_eject(self, backend: Backend, reason: str) -> None:
         watch = self.watch.get(backend.name)
         if watch is not None:
             watch.timers.pop("eject", None)
-        self._set(backend, f"ejection over after {EJECT_SECONDS:g}s", healthy=True)
+        self._set(backend, reason, ejected=False)
 
     # --- active checks (fed by vipd.net.monitor) ---------------------------------------------
     def observe_check(self, name: str, result: CheckResult) -> None:
@@ -289,9 +288,13 @@ class PoolRuntime:
         watch.checked, watch.last_check, watch.last_check_at = True, result, time.monotonic()
         self.events.checked(self.name, name, "smtp", result)
         flip = watch.health.observe(result.ok)
+        what = "check passed" if result.ok else "check failed"
         if flip is not None or backend.healthy != watch.health.up:
-            what = "check passed" if result.ok else "check failed"
             self._set(backend, f"{what}: {result.detail}", healthy=watch.health.up)
+        if backend.ejected:
+            watch.passes_since_eject = watch.passes_since_eject + 1 if result.ok else 0
+            if watch.passes_since_eject >= self.cfg.health.rise:
+                self._end_eject(backend, f"{what} {watch.passes_since_eject} times after ejection")
 
     def observe_agent(self, name: str, report: AgentReport | None, error: str = "") -> None:
         """One agent reply (None: the agent could not be reached)."""

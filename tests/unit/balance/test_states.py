@@ -23,6 +23,7 @@ def pool_of(*backends: Backend, algorithm: str = "roundrobin") -> Pool:
         ({"agent": "maint"}, "maint"),
         ({"healthy": False}, "down"),
         ({"held_off": True}, "down"),
+        ({"ejected": True}, "down"),
         ({"agent": "down"}, "down"),
         # A broken server shows down even while drained: that is what needs attention.
         ({"admin": "drain", "healthy": False}, "down"),

@@ -4,11 +4,13 @@ On each connection it writes one line computed from the 1-minute load average (t
 ``--loadavg-file``, read afresh every time) and closes:
 
 * ``load >= refuse_load``              -> ``down``
-* ``queue_load <= load < refuse_load`` -> ``drain``
+* ``queue_load <= load < refuse_load`` -> ``drain up``
 * ``load < queue_load``                -> ``ready up W%`` with ``W = 100 - ceil(99 * load / queue_load)``
 
 so the weight is 100% at load 0 and falls linearly to 1% just below ``queue_load`` (never 0%, which
-would drain the server). Note that in HAProxy ``drain`` is sticky until the agent says ``ready``.
+would drain the server). ``drain up`` rather than ``drain``: a server coming back from ``down``
+through the drain band is working again, only not to be given new mail; HAProxy keeps the two apart
+(and keeps ``drain`` until the agent says ``ready``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def agent_reply(load: float, queue_load: float, refuse_load: float) -> str:
     if load >= refuse_load:
         return "down"
     if load >= queue_load:
-        return "drain"
+        return "drain up"
     # "ready" too: in HAProxy "drain" is a sticky admin state that only "ready" lifts.
     return f"ready up {100 - math.ceil(99 * max(load, 0.0) / queue_load)}%"
 

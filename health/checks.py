@@ -15,12 +15,15 @@ import re
 import time
 from dataclasses import dataclass
 
-__all__ = ["AGENT_STATES", "AgentReport", "CheckResult", "agent_check", "parse_agent_reply", "smtp_check"]
+__all__ = ["AGENT_ADMIN", "AGENT_OPERATIONAL", "AGENT_STATES", "AgentReport", "CheckResult", "agent_check",
+           "parse_agent_reply", "smtp_check"]
 
 MAX_REPLY_LINES = 100
 QUIT_WAIT_SECONDS = 1.0     # a server that never answers QUIT must not turn a verdict into a timeout
 MAX_AGENT_LINE = 4096
-AGENT_STATES = frozenset({"up", "down", "fail", "stopped", "ready", "drain", "maint"})
+AGENT_ADMIN = frozenset({"ready", "drain", "maint"})              # what the operator could say
+AGENT_OPERATIONAL = frozenset({"up", "down", "fail", "stopped"})  # whether the server works
+AGENT_STATES = AGENT_ADMIN | AGENT_OPERATIONAL
 _WEIGHT = re.compile(r"(\d{1,9})%")
 _SEPARATORS = re.compile(r"[ \t,]+")
 
@@ -34,11 +37,15 @@ class CheckResult:
 
 @dataclass(frozen=True, slots=True)
 class AgentReport:
-    """``state``: the last state word of the line (lower case), ``weight_percent``: the last ``N%``."""
+    """``state``: the last state word of the line (lower case), ``weight_percent``: the last ``N%``;
+    ``admin`` and ``operational``: the last word of each kind, which HAProxy keeps apart (a line may
+    say ``drain up``: in service, but take nothing new)."""
 
     state: str | None
     weight_percent: int | None
     raw: str
+    admin: str | None = None
+    operational: str | None = None
 
 
 class CheckFailed(Exception):
@@ -164,12 +171,14 @@ def parse_agent_reply(text: str) -> AgentReport:
     insensitive; the last one wins); ``N%`` is a weight. Other words (``maxconn:30``...) are ignored.
     """
     raw = text.split("\n", 1)[0].rstrip("\r")
-    state: str | None = None
+    state = admin = operational = None
     weight: int | None = None
     for word in _SEPARATORS.split(raw.split("#", 1)[0]):
         word = word.lower()
-        if word in AGENT_STATES:
-            state = word
+        if word in AGENT_ADMIN:
+            state = admin = word
+        elif word in AGENT_OPERATIONAL:
+            state = operational = word
         elif match := _WEIGHT.fullmatch(word):
             weight = int(match.group(1))
-    return AgentReport(state, weight, raw)
+    return AgentReport(state, weight, raw, admin, operational)

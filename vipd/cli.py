@@ -70,8 +70,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         log = LogBuffer(level=cfg.log_level, name=f"vipd[{args.index}]")
-        await Daemon(cfg, log, Metrics(), worker=args.index, listen_sockets=sockets,
-                     parent=args.parent).run()
+        await Daemon(cfg, log, Metrics(health=False), worker=args.index, listen_sockets=sockets,
+                     parent=args.parent, run_dir=Path(args.run_dir)).run()
 
     asyncio.run(main())
     return 0
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--index", type=int, required=True)
     worker.add_argument("--parent", type=int, required=True)
     worker.add_argument("--fd", action="append", default=[])
+    worker.add_argument("--run-dir", required=True)
     worker.set_defaults(func=cmd_worker)
     check = sub.add_parser("check-config", help="validate a configuration file; lists every error")
     check.add_argument("file")

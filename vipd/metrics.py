@@ -41,12 +41,24 @@ def _server_values(pool: object) -> Iterable[tuple[list[str], object, int]]:
 
 
 class _PoolCollector(Collector):
-    """Per-server state, read from the live pools at scrape time."""
+    """Per-server state, read from the live pools at scrape time: the counts (transactions, picks,
+    idle connections) and the states; a supervisor of workers exports only the states, its workers
+    only the counts."""
 
-    def __init__(self, pools: Callable[[], Iterable[object]]) -> None:
+    def __init__(self, pools: Callable[[], Iterable[object]], counts: bool = True, states: bool = True) -> None:
         self._pools = pools
+        self._counts, self._states = counts, states
 
     def collect(self):  # type: ignore[override]
+        families = list(self._families())
+        wanted = ({"vipd_server_active_transactions", "vipd_server_selected", "vipd_backend_idle_connections"}
+                  if self._counts else set())
+        if self._states:
+            wanted |= {"vipd_server_up", "vipd_server_state", "vipd_server_weight", "vipd_server_effective_weight",
+                       "vipd_pool_held"}
+        yield from (f for f in families if f.name in wanted)
+
+    def _families(self):
         labels = ["pool", "server"]
         active = GaugeMetricFamily("vipd_server_active_transactions", _HELP["active"], labels=labels)
         selected = CounterMetricFamily("vipd_server_selected", _HELP["selected"], labels=labels)
@@ -70,12 +82,34 @@ class _PoolCollector(Collector):
         yield from (active, selected, up, state, weight, effective, idle, held)
 
 
-class Metrics:
-    """The daemon's metrics, in their own registry (tests make as many as they like)."""
+class HealthMetrics:
+    """What the active checks do. Kept apart because with several workers the supervisor runs the
+    checks and exports these, and the workers must not export them too."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = self.registry = registry
+        self.server_transitions = Counter("vipd_server_transitions", "Server state changes, by new state",
+                                          ["pool", "server", "state"], registry=r)
+        self.checks = Counter("vipd_health_checks", "Active checks run", ["pool", "kind", "result"],
+                              registry=r)
+        self.check_duration = Histogram("vipd_health_check_duration_seconds", "Active check duration",
+                                        ["pool", "kind"], buckets=_LATENCY_BUCKETS, registry=r)
+
+    def watch_states(self, pools: Callable[[], Iterable[object]]) -> None:
+        """Export server states read from ``pools`` at scrape time (not their counts)."""
+        self.registry.register(_PoolCollector(pools, counts=False))
+
+
+class Metrics:
+    """The daemon's metrics, in their own registry (tests make as many as they like).
+
+    ``health``: False in a worker of several, whose supervisor runs the checks and exports them.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, health: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.health = HealthMetrics(r) if health else None
         self.sessions = Counter("vipd_sessions", "Client sessions accepted", ["listener"], registry=r)
         self.sessions_active = Gauge("vipd_sessions_active", "Client sessions open", ["listener"],
                                      registry=r, multiprocess_mode="livesum")
@@ -99,12 +133,6 @@ class Metrics:
             ["pool", "server"], buckets=_LATENCY_BUCKETS, registry=r)
         self.backend_failures = Counter("vipd_backend_failures", "Backend connections that failed",
                                         ["pool", "server"], registry=r)
-        self.server_transitions = Counter("vipd_server_transitions", "Server state changes, by new state",
-                                          ["pool", "server", "state"], registry=r)
-        self.checks = Counter("vipd_health_checks", "Active checks run", ["pool", "kind", "result"],
-                              registry=r)
-        self.check_duration = Histogram("vipd_health_check_duration_seconds", "Active check duration",
-                                        ["pool", "kind"], buckets=_LATENCY_BUCKETS, registry=r)
         self.policy_verdicts = Counter("vipd_policy_verdicts", "Early-check decisions",
                                        ["check", "verdict"], registry=r)
         self.dnsbl_duration = Histogram("vipd_dnsbl_lookup_duration_seconds", "DNSBL lookup latency",
@@ -123,9 +151,9 @@ class Metrics:
         self.registry.register(_PoolCollector(pools))
 
     def snapshot_pools(self, pools: Iterable[object]) -> None:
-        """Several workers: copy each worker's pool state into metrics that add up across processes.
-
-        Called once a second by each worker; counters advance by what was picked since the last call.
+        """Several workers: copy each worker's per-server counts into metrics that add up across
+        processes (the states come from the supervisor). Called once a second by each worker;
+        counters advance by what was picked since the last call.
         """
         if self._selected is None:
             r = self.registry
@@ -133,29 +161,13 @@ class Metrics:
             self._selected = Counter("vipd_server_selected", _HELP["selected"], labels, registry=r)
             self._active = Gauge("vipd_server_active_transactions", _HELP["active"], labels, registry=r,
                                  multiprocess_mode="livesum")
-            # "min"/"max" across workers: a server counts as up only if every worker sees it up.
-            self._up = Gauge("vipd_server_up", _HELP["up"], labels, registry=r, multiprocess_mode="min")
-            self._state = Gauge("vipd_server_state", _HELP["state"], [*labels, "state"], registry=r,
-                                multiprocess_mode="max")
-            self._weight = Gauge("vipd_server_weight", _HELP["weight"], labels, registry=r,
-                                 multiprocess_mode="max")
-            self._effective = Gauge("vipd_server_effective_weight", _HELP["effective"], labels,
-                                    registry=r, multiprocess_mode="min")
             self._idle = Gauge("vipd_backend_idle_connections", _HELP["idle"], labels, registry=r,
                                multiprocess_mode="livesum")
-            self._held = Gauge("vipd_pool_held", _HELP["held"], ["pool"], registry=r,
-                               multiprocess_mode="max")
         for pool in pools:
-            self._held.labels(pool.name).set(1 if pool.balancer.held else 0)  # type: ignore[attr-defined]
             for key, s, n_idle in _server_values(pool):
                 delta = s.selected - self._last_selected.get(tuple(key), 0)  # type: ignore[attr-defined]
                 self._last_selected[tuple(key)] = s.selected  # type: ignore[attr-defined]
                 if delta > 0:
                     self._selected.labels(*key).inc(delta)
                 self._active.labels(*key).set(s.active)  # type: ignore[attr-defined]
-                self._up.labels(*key).set(1 if s.usable else 0)  # type: ignore[attr-defined]
-                for name in STATES:
-                    self._state.labels(*key, name).set(1 if s.state == name else 0)  # type: ignore[attr-defined]
-                self._weight.labels(*key).set(s.current_weight)  # type: ignore[attr-defined]
-                self._effective.labels(*key).set(s.effective_weight)  # type: ignore[attr-defined]
                 self._idle.labels(*key).set(n_idle)

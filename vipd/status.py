@@ -83,7 +83,7 @@ def server_document(pool: PoolRuntime, name: str, counts: Counts | None = None) 
         "ejected": b.ejected,
         "held_off": b.held_off,
         "agent": watch.agent_line if watch is not None else None,
-        "agent_state": b.agent,
+        "agent_state": "down" if b.agent_down else b.agent,
         "agent_percent": b.agent_percent,
         "ramp_percent": b.ramp_percent,
         "weight": b.current_weight,

@@ -211,8 +211,9 @@ def test_operator_drain_ready_hold_release(lab: Lab) -> None:
     assert admin.server("incoming", "a")["weight"] == 1
 
     log = vipd.log()
-    for change in ("admin=drain", "admin=ready", "held=true", "held=false", "weight=3", "weight=config"):
-        assert f"admin change pool=incoming" in log and change in log, change
+    for change in ("server=a admin=drain", "server=a admin=ready", "held=true", "held=false",
+                   "server=a weight=3", "server=a weight=config"):
+        assert f"admin change pool=incoming {change} by=127.0.0.1" in log, change
     assert "server drain pool=incoming server=a was=up" in log
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import socket
 import time
@@ -12,7 +11,6 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from health.checks import agent_check, smtp_check
-from support import PYTHON, Lab, proc_check, start, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -131,36 +129,24 @@ def test_silent_server_times_out():
 
 # --- agent ----------------------------------------------------------------------------------------
 
-def _start_agent(lab: Lab, loadavg) -> int:
-    proc = start("agent", [PYTHON, "-m", "health.agent", "--listen", "127.0.0.1:0", "--loadavg-file",
-                           str(loadavg), "--queue-load", "8", "--refuse-load", "12"], lab.tmp / "agent.log")
-    lab.procs.append(proc)                     # stopped by PID in lab.close(), whatever happens
-    match = wait_for(lambda: proc_check(proc) and re.search(r"listening on [\d.]+:(\d+)", proc.text()),
-                     what="agent to listen")
-    return int(match.group(1))
-
-
 def test_agent_reports_up_drain_down(lab):
-    loadavg = lab.tmp / "loadavg"
-    loadavg.write_text("0.50 0.40 0.30 1/100 123\n")
-    port = _start_agent(lab, loadavg)
-
-    up = asyncio.run(agent_check("127.0.0.1", port))
+    agent = lab.agent("agent", load=0.5)      # vipd-agent with --queue-load 8 --refuse-load 12
+    up = asyncio.run(agent_check("127.0.0.1", agent.port))
     assert (up.state, up.weight_percent) == ("up", 93)      # 100 - ceil(99 * 0.5 / 8) = 100 - 7
-    loadavg.write_text("9.0 8.0 7.0 1/100 123\n")
-    drain = asyncio.run(agent_check("127.0.0.1", port))
-    assert (drain.state, drain.weight_percent, drain.raw) == ("drain", None, "drain")
-    loadavg.write_text("20 15 10 1/100 123\n")
-    assert asyncio.run(agent_check("127.0.0.1", port)).state == "down"
+    agent.set_load(9.0)
+    drain = asyncio.run(agent_check("127.0.0.1", agent.port))
+    assert (drain.admin, drain.operational, drain.weight_percent, drain.raw) == ("drain", "up", None, "drain up")
+    agent.set_load(20)
+    assert asyncio.run(agent_check("127.0.0.1", agent.port)).state == "down"
 
 
 def test_agent_unreadable_file_gives_no_state_and_sigterm_stops_it(lab):
-    port = _start_agent(lab, lab.tmp / "missing")
-    report = asyncio.run(agent_check("127.0.0.1", port))
+    agent = lab.agent("agent", load=1.0)
+    agent.load_file.unlink()
+    report = asyncio.run(agent_check("127.0.0.1", agent.port))
     assert report.state is None and report.raw.startswith("#")
-    agent = lab.procs[-1]
-    agent.signal(signal.SIGTERM)
-    assert agent.popen.wait(10) == 0
+    agent.proc.signal(signal.SIGTERM)
+    assert agent.proc.popen.wait(10) == 0
 
 
 def test_agent_check_unreachable_raises():

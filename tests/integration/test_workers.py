@@ -61,3 +61,48 @@ def test_workers_stop_when_the_supervisor_is_killed(lab):
             return True
 
     wait_for(lambda: all(gone(p) for p in pids), timeout=15, what="orphaned workers to stop")
+
+
+def test_states_and_operator_changes_reach_every_worker(lab):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from support import Admin, health_config
+    a, b = lab.sink("a"), lab.sink("b")
+    vipd = lab.vipd("workers = 2\n" + health_config([a, b]))
+    wait_for(lambda: len(_worker_pids(vipd.log())) == 2)
+    admin = Admin(vipd.admin_port)
+    assert admin.status()["workers"] == 2
+
+    def send_many(prefix: str, n: int) -> None:
+        for i in range(n):
+            with vipd.smtp() as smtp:
+                smtp.sendmail("a@example.org", ["b@example.com"], f"Subject: {prefix}{i}\r\n\r\nx\r\n")
+
+    # The supervisor answers only when both workers have applied the drain.
+    admin.vipctl("server", "drain", "incoming/a")
+    before = len(a.messages())
+    send_many("drained", 10)
+    assert len(a.messages()) == before
+    assert len(b.messages()) == 10
+    # Both workers served some of them, and so both really obeyed (their log lines come in batches).
+    wait_for(lambda: set(re.findall(r"vipd\[(\d)\]: \S+ relayed", vipd.log())) == {"0", "1"})
+    admin.vipctl("server", "ready", "incoming/a")
+    admin.vipctl("pool", "hold", "incoming")
+    for _ in range(4):                  # whichever worker takes the session, the pool is held
+        with vipd.smtp() as smtp:
+            smtp.ehlo()
+            assert smtp.docmd("MAIL FROM:<a@example.org>")[0] == 250
+            assert smtp.docmd("RCPT TO:<b@example.com>")[0] == 451
+    admin.vipctl("pool", "release", "incoming")
+    send_many("released", 4)
+    assert len(a.messages()) + len(b.messages()) == 14
+
+    # The picks of both workers add up in the status; the supervisor's checks decide the states.
+    wait_for(lambda: sum(s["selected"] for s in admin.pool("incoming")["servers"]) >= 14, what="counts")
+    b.proc.stop()
+    wait_for(lambda: admin.server("incoming", "b")["state"] == "down", timeout=10, what="b down")
+    text = admin.get("/metrics").decode()
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names)), "a metric family exported twice"
+    assert 'vipd_server_state{pool="incoming",server="b",state="down"} 1.0' in text
+    assert vipd.log().count("server down pool=incoming server=b") == 1   # said once, by the supervisor

@@ -47,7 +47,7 @@ MAX_WEIGHT = 256  # HAProxy's range, so operators' weights carry over unchanged
 State = Literal["up", "drain", "down", "maint"]
 AdminState = Literal["ready", "drain", "maint"]
 ADMIN_STATES: frozenset[str] = frozenset(get_args(AdminState))
-AgentState = Literal["up", "drain", "down", "maint"]
+AgentState = Literal["up", "drain", "maint"]  # the agent's admin opinion; "up" is its "ready"
 # Effective weights are weight x percent x percent: integer, so the algorithms stay exact.
 _SCALE = 100 * 100
 
@@ -69,7 +69,8 @@ class Backend:
     selected: int = 0  # times picked, for metrics
     admin: AdminState = "ready"  # the operator's word
     healthy: bool = True  # active checks (and passive ejection) say it works
-    agent: AgentState = "up"  # the agent's last opinion
+    agent: AgentState = "up"  # the agent's last admin opinion
+    agent_down: bool = False  # the agent's last operational opinion
     agent_percent: int = 100  # the agent's weight, 0..100
     held_off: bool = False  # a fresh connection just failed: left out briefly
     ejected: bool = False  # passive checks: too many failed transactions in a row
@@ -85,7 +86,7 @@ class Backend:
         that does not work shows ``down`` even while drained, because that is what needs attention."""
         if self.admin == "maint" or self.agent == "maint":
             return "maint"
-        if not self.healthy or self.held_off or self.ejected or self.agent == "down":
+        if not self.healthy or self.held_off or self.ejected or self.agent_down:
             return "down"
         if self.admin == "drain" or self.agent == "drain":
             return "drain"
@@ -142,6 +143,7 @@ class ServerStatistics:
     healthy: bool
     ejected: bool
     agent: AgentState
+    agent_down: bool
     agent_percent: int
     ramp_percent: int
     current_weight: int
@@ -341,7 +343,8 @@ def _merge(kept: Backend | None, fresh: Backend) -> Backend:
 def _snapshot(b: Backend) -> ServerStatistics:
     return ServerStatistics(
         b.name, b.address, b.weight, b.backup, b.max_sessions, b.usable, b.active, b.selected,
-        b.state, b.admin, b.healthy, b.ejected, b.agent, b.agent_percent, b.ramp_percent, b.current_weight,
+        b.state, b.admin, b.healthy, b.ejected, b.agent, b.agent_down, b.agent_percent, b.ramp_percent,
+        b.current_weight,
     )
 
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import config as config_mod
 from ..config import Config, VipConfig
@@ -28,6 +29,7 @@ from ..policy.dnsfacts import DnsFacts
 from ..policy.limits import ClientLimiter, check_load
 from ..smtp.replies import Reply
 from ..smtp.server import Limits
+from . import control
 from .monitor import Monitor
 from .pools import PoolRuntime
 from .screen import Prepared, Screen, prepare
@@ -42,9 +44,10 @@ class Daemon:
     def __init__(self, config: Config, log: LogBuffer | None = None,
                  metrics: Metrics | None = None, *, worker: int | None = None,
                  listen_sockets: dict[tuple[str, str, int], socket.socket] | None = None,
-                 parent: int | None = None) -> None:
-        """``worker``/``listen_sockets``: run as one of several workers on sockets bound by the
-        supervisor (vipd.net.workers); a lone daemon binds its own and serves the admin listener."""
+                 parent: int | None = None, run_dir: Path | None = None) -> None:
+        """``worker``/``listen_sockets``/``run_dir``: run as one of several workers on sockets bound by
+        the supervisor (vipd.net.workers), taking server states from it through files in ``run_dir``;
+        a lone daemon binds its own sockets, runs the checks and serves the admin listener."""
         self.config = config
         self.worker = worker
         # The supervisor's PID as it gave it: a worker that started after its death must notice too.
@@ -69,6 +72,7 @@ class Daemon:
         self.dns: DnsFacts | None = None
         self.monitor: Monitor | None = None
         self.started = time.time()
+        self.run_dir = run_dir
         self._apply(config)
         if worker is None:
             self.metrics.watch_pools(lambda: list(self.pools.values()))
@@ -79,7 +83,7 @@ class Daemon:
             if name in self.pools:
                 self.pools[name].update(cfg)
             else:
-                self.pools[name] = PoolRuntime(cfg, self)
+                self.pools[name] = PoolRuntime(cfg, self, checks_elsewhere=self.worker is not None)
         for name in [n for n in self.pools if n not in config.pools]:
             self.pools.pop(name).close()
         if self.monitor is not None:
@@ -93,7 +97,8 @@ class Daemon:
 
     # --- what pools report (vipd.net.pools.PoolEvents) ---------------------------------------
     def transition(self, pool: str, server: str, old: str, new: str, reason: str) -> None:
-        self.metrics.server_transitions.labels(pool, server, new).inc()
+        if self.metrics.health is not None:
+            self.metrics.health.server_transitions.labels(pool, server, new).inc()
         say = self.log.warning if new == "down" else self.log.info
         say(f"server {new} " + fmt(pool=pool, server=server, was=old, reason=reason))
 
@@ -102,8 +107,9 @@ class Daemon:
         self.log.info("backend failed " + fmt(pool=pool, server=server, reason=detail))
 
     def checked(self, pool: str, server: str, kind: str, result) -> None:
-        self.metrics.check_duration.labels(pool, kind).observe(result.duration_seconds)
-        self.metrics.checks.labels(pool, kind, "ok" if result.ok else "failed").inc()
+        if self.metrics.health is not None:
+            self.metrics.health.check_duration.labels(pool, kind).observe(result.duration_seconds)
+            self.metrics.health.checks.labels(pool, kind, "ok" if result.ok else "failed").inc()
 
     def route(self, vip: VipConfig, domain: str) -> PoolRuntime:
         """The pool for a recipient domain, looked up in the current config."""
@@ -128,9 +134,32 @@ class Daemon:
             return False
         self._apply(new)
         await self._sync_listeners()
+        if self.worker is not None:
+            self.apply_control()
         self.metrics.config_reloads.labels("ok").inc()
         self.log.info("reloaded " + fmt(config=str(new.path), vips=len(new.vips), pools=len(new.pools)))
         return True
+
+    # --- a worker of several: server states from the supervisor -----------------------------
+    def apply_control(self) -> None:
+        """Apply the supervisor's published server states, then say which generation is applied."""
+        if self.run_dir is None or self.worker is None:
+            return
+        doc = control.read_control(self.run_dir)
+        if doc is None:
+            return
+        for name, published in doc.get("pools", {}).items():
+            pool = self.pools.get(name)
+            if pool is not None:
+                pool.apply_published(published)
+        control.write_ack(self.run_dir, self.worker, doc.get("generation", 0))
+
+    def _write_counts(self) -> None:
+        if self.run_dir is None or self.worker is None:
+            return
+        counts = {p.name: {b.name: [b.active, b.selected, p.idle_count(b.name)] for b in p.balancer.backends}
+                  for p in self.pools.values()}
+        control.write_counts(self.run_dir, self.worker, {"sessions": dict(self.per_vip), "servers": counts})
 
     # --- sessions ----------------------------------------------------------------------------
     def admit(self, session: Session) -> Reply | None:
@@ -259,8 +288,9 @@ class Daemon:
             self._admin = await start_admin(self, self.config.admin.listen.host,
                                             self.config.admin.listen.port, self.config.admin.token)
         self._sweeper = asyncio.ensure_future(self._sweep())
-        self.monitor = Monitor(next(iter(self.config.vips.values())).hostname)
-        self.monitor.sync(self.pools)
+        if self.worker is None:
+            self.monitor = Monitor(next(iter(self.config.vips.values())).hostname)
+            self.monitor.sync(self.pools)
         self.log.flush()
 
     async def _sweep(self) -> None:
@@ -275,6 +305,7 @@ class Daemon:
                 limiter.expire(now)
             if self.worker is not None:
                 self.metrics.snapshot_pools(self.pools.values())
+                self._write_counts()
                 if os.getppid() != self._parent:
                     # The supervisor is gone (even SIGKILL): a worker never outlives it.
                     self.log.warning("supervisor gone, stopping")
@@ -301,11 +332,15 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        if self.worker is not None and self.run_dir is not None:
+            # The handler first, then the first read: a change published in between is not missed.
+            loop.add_signal_handler(signal.SIGUSR1, self.apply_control)
+            self.apply_control()
         try:
             await self._stop_requested.wait()
             await self.drain()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             await self.close()
 

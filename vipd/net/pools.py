@@ -19,7 +19,8 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from health.checks import AgentReport, CheckResult
 from health.state import HealthState
@@ -34,8 +35,7 @@ __all__ = ["PoolRuntime", "PoolEvents", "Lease", "ServerWatch", "FAILURE_HOLDOFF
 FAILURE_HOLDOFF_SECONDS = 2.0
 EJECT_SECONDS = 10.0
 RAMP_TICK_SECONDS = 0.5
-_AGENT_STATES = {"up": "up", "ready": "up", "drain": "drain", "maint": "maint",
-                 "down": "down", "fail": "down", "stopped": "down"}
+_AGENT_ADMIN = {"ready": "up", "drain": "drain", "maint": "maint"}
 
 
 class PoolEvents(Protocol):
@@ -109,8 +109,13 @@ def ramp_percent(elapsed: float, period: float) -> int:
 class PoolRuntime:
     """One configured pool and the live state behind it; survives config reloads."""
 
-    def __init__(self, cfg: PoolConfig, events: PoolEvents | None = None) -> None:
+    def __init__(self, cfg: PoolConfig, events: PoolEvents | None = None, *,
+                 checks_elsewhere: bool = False) -> None:
+        """``checks_elsewhere``: a worker of several, whose supervisor runs the checks and the slow
+        start and publishes them (``apply_published``); passive checks stay local to each worker."""
         self.cfg = cfg
+        self.checks_elsewhere = checks_elsewhere
+        self.on_change: Callable[[], None] | None = None
         self.timeouts = _timeouts(cfg)
         self.balancer = Pool.from_specs(cfg.name, cfg.balance, _specs(cfg))
         self.events: PoolEvents = events or _Quiet()
@@ -155,15 +160,16 @@ class PoolRuntime:
                 self.watch[name] = ServerWatch(HealthState(cfg.health.rise, cfg.health.fall))
             else:
                 watch.health.rise, watch.health.fall = cfg.health.rise, cfg.health.fall
-        if not cfg.health.smtp:
+        if not cfg.health.smtp and not self.checks_elsewhere:
             # Checks switched off by a reload: nothing would ever bring a checked-down server back.
             for b in self.balancer.backends:
                 if not b.healthy or b.ejected and "eject" not in self.watch[b.name].timers:
                     self._set(b, "active checks off", healthy=True, ejected=False)
         agents = {s.name for s in cfg.servers if (s.agent_port or cfg.health.agent_port)}
         for b in self.balancer.backends:
-            if b.name not in agents and (b.agent != "up" or b.agent_percent != 100):
-                self._set(b, "agent off", agent="up", agent_percent=100)
+            if not self.checks_elsewhere and b.name not in agents and (
+                    b.agent != "up" or b.agent_down or b.agent_percent != 100):
+                self._set(b, "agent off", agent="up", agent_down=False, agent_percent=100)
 
     # --- leasing connections -----------------------------------------------------------------
     async def lease(self, client_ip: str, helo_name: str, exclude: set[str],
@@ -267,7 +273,7 @@ class PoolRuntime:
     def _eject(self, backend: Backend, watch: ServerWatch, reason: str) -> None:
         """Out until `rise` active checks in a row pass; without active checks, for EJECT_SECONDS."""
         watch.failures, watch.passes_since_eject = 0, 0
-        if not self.cfg.health.smtp:
+        if not self.cfg.health.smtp or self.checks_elsewhere:
             watch.cancel("eject")
             watch.timers["eject"] = asyncio.get_running_loop().call_later(
                 EJECT_SECONDS, self._end_eject, backend, f"ejection over after {EJECT_SECONDS:g}s")
@@ -306,12 +312,15 @@ class PoolRuntime:
             watch.agent_line = f"unreachable: {error}"
             # No news for `fall` rounds: its last opinion is stale; trust the SMTP check alone.
             if watch.agent_failures >= self.cfg.health.fall:
-                self._set(backend, f"agent unreachable: {error}", agent="up", agent_percent=100)
+                self._set(backend, f"agent unreachable: {error}", agent="up", agent_down=False,
+                          agent_percent=100)
             return
         watch.agent_failures, watch.agent_line = 0, report.raw.strip()[:200]
         changes: dict[str, object] = {}
-        if report.state is not None:
-            changes["agent"] = _AGENT_STATES[report.state]
+        if report.admin is not None:
+            changes["agent"] = _AGENT_ADMIN[report.admin]
+        if report.operational is not None:
+            changes["agent_down"] = report.operational != "up"
         if report.weight_percent is not None:
             changes["agent_percent"] = min(100, report.weight_percent)
         if changes:
@@ -338,6 +347,29 @@ class PoolRuntime:
             # Nothing leaves a held pool: idle connections would only time out.
             for conns in self._conns.values():
                 conns.close_all()
+        self._notify()
+
+    # --- several workers: the supervisor publishes, each worker applies -----------------------
+    _PUBLISHED = ("admin", "weight_override", "healthy", "agent", "agent_down", "agent_percent", "ramp_percent")
+
+    def published(self) -> dict[str, Any]:
+        """The inputs the supervisor decides, for its workers (JSON-able)."""
+        return {"held": self.balancer.held,
+                "servers": {b.name: {k: getattr(b, k) for k in self._PUBLISHED} for b in self.balancer.backends}}
+
+    def apply_published(self, doc: dict[str, Any]) -> None:
+        """A worker takes the supervisor's word; its own passive marks (hold-off, ejection) stay."""
+        if bool(doc.get("held")) != self.balancer.held:
+            self.set_held(bool(doc.get("held")))
+        for name, fields in doc.get("servers", {}).items():
+            backend, _ = self._server(name)
+            if backend is not None:
+                self._set(backend, "supervisor", quiet=True,
+                          **{k: v for k, v in fields.items() if k in self._PUBLISHED})
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # --- state changes -----------------------------------------------------------------------
     def _server(self, name: str) -> tuple[Backend | None, ServerWatch | None]:
@@ -346,9 +378,13 @@ class PoolRuntime:
         except KeyError:
             return None, None
 
-    def _set(self, backend: Backend, reason: str, **changes: object) -> None:
-        """Change state inputs of one server; report and act on the state change, if any."""
+    def _set(self, backend: Backend, reason: str, quiet: bool = False, **changes: object) -> None:
+        """Change state inputs of one server; report and act on the state change, if any.
+
+        ``quiet``: the change was decided (and reported) elsewhere, by the supervisor of workers.
+        """
         old = backend.state
+        before = [getattr(backend, key) for key in changes]
         for key, value in changes.items():
             setattr(backend, key, value)
         new = backend.state
@@ -356,13 +392,16 @@ class PoolRuntime:
         if new != old:
             if watch is not None:
                 watch.changed_at = time.monotonic()
-            self.events.transition(self.name, backend.name, old, new, reason)
+            if not quiet:
+                self.events.transition(self.name, backend.name, old, new, reason)
             if new != "up":
                 conns = self._conns.get(backend.name)
                 if conns is not None:
                     conns.close_all()   # drain: current transactions finish, nothing new starts
-            elif watch is not None:
+            elif watch is not None and not self.checks_elsewhere:
                 self._start_ramp(backend, watch)
+        if before != list(changes.values()):
+            self._notify()
 
     def _start_ramp(self, backend: Backend, watch: ServerWatch) -> None:
         period = self.cfg.health.slowstart_seconds
@@ -370,6 +409,7 @@ class PoolRuntime:
             return
         watch.ramp_started = time.monotonic()
         backend.ramp_percent = 1
+        self._notify()
         watch.cancel("ramp")
         watch.timers["ramp"] = asyncio.get_running_loop().call_later(RAMP_TICK_SECONDS, self._ramp, backend)
 
@@ -380,6 +420,7 @@ class PoolRuntime:
         watch.timers.pop("ramp", None)
         backend.ramp_percent = ramp_percent(time.monotonic() - watch.ramp_started,
                                             self.cfg.health.slowstart_seconds)
+        self._notify()
         if backend.ramp_percent >= 100 or not backend.usable:
             backend.ramp_percent, watch.ramp_started = 100, None
             return

@@ -7,6 +7,9 @@ Rules:
   its threads do not survive fork), handed its sockets by file descriptor.
 - Metrics add up across workers through prometheus_client's multiprocess mode; the supervisor serves
   the admin listener. SIGHUP and SIGTERM are passed on; a worker that dies unasked is restarted.
+- The supervisor runs the health checks, once for all workers, and decides every server state but
+  the passive marks (each worker's own failed connections); it publishes the states to its workers
+  through vipd.net.control and, for an operator's change, answers only when every worker applied it.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
 from ..config import Config
 from ..log import LogBuffer, fmt
+from . import control
+from .pools import PoolRuntime
+
+APPLY_TIMEOUT_SECONDS = 5.0
 
 __all__ = ["run_supervisor", "parse_fd_args"]
 
@@ -68,9 +77,14 @@ def parse_fd_args(items: list[str]) -> dict[tuple[str, str, int], socket.socket]
 
 
 class Supervisor:
-    def __init__(self, config: Config, log: LogBuffer) -> None:
+    def __init__(self, config: Config, log: LogBuffer, run_dir: Path) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from ..metrics import HealthMetrics
         self.config = config
         self.log = log
+        self.run_dir = run_dir
+        self.started = time.time()
         self.sockets = bind_listeners(config, config.workers)
         self.children: dict[int, subprocess.Popen] = {}
         self.stopping = False
@@ -80,11 +94,89 @@ class Supervisor:
             self.bound.setdefault(vip, []).append((host, port))
             self.log.info("listening " + fmt(vip=vip, address=f"[{host}]:{port}" if ":" in host
                                              else f"{host}:{port}", workers=config.workers))
+        self.health = HealthMetrics(CollectorRegistry())
+        self.health.watch_states(lambda: list(self.pools.values()))
+        self.pools: dict[str, PoolRuntime] = {}
+        self.generation = 0
+        self._publish_soon: asyncio.Handle | None = None
+        self._apply_pools(config)
+        self.publish()
 
+    # --- pools and their states --------------------------------------------------------------
+    def _apply_pools(self, config: Config) -> None:
+        for name, cfg in config.pools.items():
+            if name in self.pools:
+                self.pools[name].update(cfg)
+            else:
+                pool = self.pools[name] = PoolRuntime(cfg, self)
+                pool.on_change = self._changed
+        for name in [n for n in self.pools if n not in config.pools]:
+            self.pools.pop(name).close()
+
+    def transition(self, pool: str, server: str, old: str, new: str, reason: str) -> None:
+        self.health.server_transitions.labels(pool, server, new).inc()
+        say = self.log.warning if new == "down" else self.log.info
+        say(f"server {new} " + fmt(pool=pool, server=server, was=old, reason=reason))
+        self.log.flush()
+
+    def failure(self, pool: str, server: str, detail: str) -> None:
+        pass                    # transactions, and so their failures, happen in the workers
+
+    def checked(self, pool: str, server: str, kind: str, result: Any) -> None:
+        self.health.check_duration.labels(pool, kind).observe(result.duration_seconds)
+        self.health.checks.labels(pool, kind, "ok" if result.ok else "failed").inc()
+
+    def _changed(self) -> None:
+        # Several inputs often change in one go (a check flips health and starts a ramp): one write.
+        if self._publish_soon is None:
+            self._publish_soon = asyncio.get_running_loop().call_soon(self.publish)
+
+    def publish(self) -> int:
+        """Write the current states for the workers and wake those that are listening."""
+        self._publish_soon = None
+        self.generation += 1
+        control.write_control(self.run_dir, self.generation,
+                              {name: pool.published() for name, pool in self.pools.items()})
+        for index, child in self.children.items():
+            ack = control.read_ack(self.run_dir, index)
+            # A worker acknowledges once it handles SIGUSR1; before that the signal would kill it,
+            # and it reads the file at start anyway.
+            if child.poll() is None and ack is not None and ack[0] == child.pid:
+                child.send_signal(signal.SIGUSR1)
+        return self.generation
+
+    async def applied(self, generation: int) -> bool:
+        """Wait until every running worker has applied ``generation``."""
+        deadline = time.monotonic() + APPLY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            pending = [i for i, c in self.children.items() if c.poll() is None
+                       and (ack := control.read_ack(self.run_dir, i)) is not None and ack[0] == c.pid
+                       and ack[1] < generation]
+            if not pending:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, int, int]]]:
+        """Sessions per VIP and (active, selected, idle) per server, added up over the workers."""
+        sessions: dict[str, int] = {}
+        servers: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for index in self.children:
+            doc = control.read_counts(self.run_dir, index) or {}
+            for vip, n in doc.get("sessions", {}).items():
+                sessions[vip] = sessions.get(vip, 0) + n
+            for pool, per in doc.get("servers", {}).items():
+                for server, values in per.items():
+                    old = servers.get((pool, server), (0, 0, 0))
+                    servers[(pool, server)] = tuple(a + b for a, b in zip(old, values))  # type: ignore[assignment]
+        return sessions, servers
+
+    # --- workers -----------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
         fds = [lst[index].fileno() for lst in self.sockets.values()]
         args = [sys.executable, "-m", "vipd", "worker", "--config", str(self.config.path),
-                "--index", str(index), "--parent", str(os.getpid()), *(a for arg in fd_args(self.sockets, index) for a in ("--fd", arg))]
+                "--index", str(index), "--parent", str(os.getpid()), "--run-dir", str(self.run_dir),
+                *(a for arg in fd_args(self.sockets, index) for a in ("--fd", arg))]
         self.children[index] = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
         self.log.info("worker started " + fmt(worker=index, pid=self.children[index].pid))
 
@@ -107,59 +199,71 @@ class Supervisor:
             time.sleep(RESTART_DELAY_SECONDS)
             self.spawn(index)
 
-    def status_text(self) -> str:
-        lines = [f"workers {len(self.children)} pids="
-                 + ",".join(str(c.pid) for c in self.children.values())]
-        for name, vip in self.config.vips.items():
-            addrs = " ".join(f"{h}:{p}" for h, p in self.bound.get(name, []))
-            lines.append(f"vip {name} listen={addrs} default_pool={vip.default_pool}")
-        for name, pool in self.config.pools.items():
-            lines.append(f"pool {name} balance={pool.balance}")
-            for s in pool.servers:
-                lines.append(f"  server {s.name} address={s.endpoint} weight={s.weight} "
-                             f"backup={str(s.backup).lower()}")
-        return "\n".join(lines) + "\n"
 
+class SupervisorFleet:
+    """The admin API's view of several workers: states from the supervisor, counts from the workers."""
 
-async def _serve_admin(sup: Supervisor):
-    from aiohttp import web
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.log = sup.log
 
-    async def metrics(_: web.Request) -> web.Response:
+    def status(self) -> dict[str, Any]:
+        from ..status import status_document
+        sessions, servers = self.sup.counts()
+        cfg = self.sup.config
+        return status_document(hostname=next(iter(cfg.vips.values())).hostname, started=self.sup.started,
+                               workers=len(self.sup.children), vips=cfg.vips.values(), bound=self.sup.bound,
+                               sessions=sessions, pools=self.sup.pools.values(),
+                               counts=lambda pool, server: servers.get((pool, server), (0, 0, 0)))
+
+    async def _published(self) -> None:
+        if not await self.sup.applied(self.sup.publish()):
+            self.log.warning("admin change not yet applied by every worker "
+                             + fmt(timeout_seconds=APPLY_TIMEOUT_SECONDS))
+
+    async def set_pool(self, pool: str, held: bool, who: str) -> dict[str, Any]:
+        from ..admin import apply_pool, log_change
+        from ..status import pool_document
+        runtime = apply_pool(self.sup.pools, pool, held)
+        log_change(self.log, who, pool, held=held)
+        await self._published()
+        _, servers = self.sup.counts()
+        return pool_document(runtime, lambda p, s: servers.get((p, s), (0, 0, 0)))
+
+    async def set_server(self, pool: str, server: str, changes: dict[str, Any], who: str) -> dict[str, Any]:
+        from ..admin import apply_server, log_change
+        from ..status import server_document
+        runtime = apply_server(self.sup.pools, pool, server, changes, who)
+        log_change(self.log, who, pool, server, **changes)
+        await self._published()
+        _, servers = self.sup.counts()
+        return server_document(runtime, server, lambda p, s: servers.get((p, s), (0, 0, 0)))
+
+    def metrics(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def status(_: web.Request) -> web.Response:
-        return web.Response(text=sup.status_text())
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/", status)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    assert sup.config.admin is not None
-    site = web.TCPSite(runner, sup.config.admin.listen.host, sup.config.admin.listen.port,
-                       reuse_address=True)
-    await site.start()
-    for sock in (site._server.sockets if site._server else []):  # type: ignore[union-attr]
-        host, port = sock.getsockname()[:2]
-        sup.log.info(f"admin listening address={host}:{port}")
-    return runner
+        # The workers' metrics added up, then the supervisor's own: checks and server states.
+        return generate_latest(registry) + generate_latest(self.sup.health.registry)
 
 
 def run_supervisor(config: Config) -> int:
     """Run ``config.workers`` workers until SIGTERM/SIGINT; returns the exit code."""
-    mpdir = tempfile.mkdtemp(prefix="vipd-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mpdir
+    run_dir = Path(tempfile.mkdtemp(prefix="vipd-run-"))
+    mpdir = run_dir / "metrics"
+    mpdir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mpdir)
     log = LogBuffer(level=config.log_level)
-    sup = Supervisor(config, log)
+    sup = Supervisor(config, log, run_dir)
     for index in range(config.workers):
         sup.spawn(index)
 
     async def main() -> None:
+        from .monitor import Monitor
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        monitor = Monitor(next(iter(config.vips.values())).hostname)
+        monitor.sync(sup.pools)
 
         def on_stop() -> None:
             sup.stopping = True
@@ -174,13 +278,20 @@ def run_supervisor(config: Config) -> int:
                 for err in exc.errors:
                     log.error(f"reload failed, keeping the running config: {err}")
                 return
+            sup._apply_pools(sup.config)
+            monitor.sync(sup.pools)
+            sup.publish()
             sup.signal_all(signal.SIGHUP)
             log.info("reload passed on " + fmt(workers=len(sup.children)))
 
         loop.add_signal_handler(signal.SIGTERM, on_stop)
         loop.add_signal_handler(signal.SIGINT, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        admin = await _serve_admin(sup) if config.admin is not None else None
+        admin = None
+        if config.admin is not None:
+            from ..admin import serve
+            admin, _ = await serve(SupervisorFleet(sup), config.admin.listen.host, config.admin.listen.port,
+                                   config.admin.token)
         log.flush()
         while not stop.is_set():
             sup.reap()
@@ -188,6 +299,9 @@ def run_supervisor(config: Config) -> int:
                 await asyncio.wait_for(stop.wait(), 0.5)
             except TimeoutError:
                 pass
+        monitor.close()
+        for pool in sup.pools.values():
+            pool.close()
         deadline = time.monotonic() + config.grace_seconds + 5
         while any(c.poll() is None for c in sup.children.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -206,5 +320,5 @@ def run_supervisor(config: Config) -> int:
         for socks in sup.sockets.values():
             for sock in socks:
                 sock.close()
-        shutil.rmtree(mpdir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0

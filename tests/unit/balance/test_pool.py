@@ -345,7 +345,8 @@ specs = st.lists(
 def qualifies(b: Backend, exclude: Collection[str], held: bool = False) -> bool:
     # Read straight from the inputs, not from Backend.state: the model must not share the code.
     capped = b.max_sessions is not None and b.active >= b.max_sessions
-    works = b.healthy and not b.held_off and not b.ejected and b.admin == "ready" and b.agent == "up"
+    works = (b.healthy and not b.held_off and not b.ejected and not b.agent_down
+             and b.admin == "ready" and b.agent == "up")
     weight = b.weight if b.weight_override is None else b.weight_override
     scaled = weight * b.agent_percent * b.ramp_percent
     return not held and works and scaled > 0 and b.name not in exclude and not capped
@@ -398,14 +399,15 @@ class PoolModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.pool.backends)
     @rule(data=st.data(), admin=st.sampled_from(["ready", "drain", "maint"]),
-          agent=st.sampled_from(["up", "drain", "down", "maint"]), percent=st.sampled_from([0, 1, 50, 100]),
+          agent=st.sampled_from(["up", "drain", "maint"]), agent_down=st.booleans(),
+          percent=st.sampled_from([0, 1, 50, 100]),
           ramp=st.sampled_from([1, 30, 100]), held_off=st.booleans(), ejected=st.booleans(),
           override=st.none() | st.integers(0, 5))
-    def operate(self, data: st.DataObject, admin: str, agent: str, percent: int, ramp: int,
+    def operate(self, data: st.DataObject, admin: str, agent: str, agent_down: bool, percent: int, ramp: int,
                 held_off: bool, ejected: bool, override: int | None) -> None:
         b = data.draw(st.sampled_from(self.pool.backends))
         b.admin, b.agent, b.agent_percent, b.ramp_percent = admin, agent, percent, ramp  # type: ignore[assignment]
-        b.held_off, b.ejected, b.weight_override = held_off, ejected, override
+        b.held_off, b.ejected, b.weight_override, b.agent_down = held_off, ejected, override, agent_down
 
     @rule(held=st.booleans())
     def hold(self, held: bool) -> None:

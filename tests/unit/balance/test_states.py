@@ -24,7 +24,8 @@ def pool_of(*backends: Backend, algorithm: str = "roundrobin") -> Pool:
         ({"healthy": False}, "down"),
         ({"held_off": True}, "down"),
         ({"ejected": True}, "down"),
-        ({"agent": "down"}, "down"),
+        ({"agent_down": True}, "down"),
+        ({"agent_down": True, "agent": "drain"}, "down"),
         # A broken server shows down even while drained: that is what needs attention.
         ({"admin": "drain", "healthy": False}, "down"),
         # Maintenance wins over everything: the operator took it out on purpose.

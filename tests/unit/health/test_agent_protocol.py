@@ -37,7 +37,13 @@ def test_parse_agent_reply(text, state, weight):
 
 
 def test_last_state_word_wins():
-    assert parse_agent_reply("down up drain") == AgentReport("drain", None, "down up drain")
+    assert parse_agent_reply("down up drain") == AgentReport("drain", None, "down up drain", "drain", "up")
+
+
+def test_admin_and_operational_words_are_kept_apart():
+    report = parse_agent_reply("drain up 50%")
+    assert (report.admin, report.operational, report.weight_percent) == ("drain", "up", 50)
+    assert (parse_agent_reply("down").admin, parse_agent_reply("down").operational) == (None, "down")
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80))
@@ -54,8 +60,8 @@ def test_parser_never_raises(text):
     (-1.0, "ready up 100%"),
     (4.0, "ready up 50%"),
     (7.999999, "ready up 1%"),
-    (8.0, "drain"),
-    (11.99, "drain"),
+    (8.0, "drain up"),
+    (11.99, "drain up"),
     (12.0, "down"),
     (50.0, "down"),
 ])
@@ -91,7 +97,9 @@ def test_weight_never_rises_with_load(queue, a, b):
 
     def weight(load: float) -> int:
         report = parse_agent_reply(agent_reply(load, queue, queue * 2))
-        return {"drain": 0, "down": -1}.get(report.state or "", report.weight_percent or 0)
+        if report.operational == "down":
+            return -1
+        return 0 if report.admin == "drain" else report.weight_percent or 0
 
     assert weight(low) >= weight(high)
 

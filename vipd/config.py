@@ -523,7 +523,9 @@ class _PoolTable(_Schema):
     identity: Identity = "xclient"
     helo_name: Hostname | None = None
     connect_timeout_seconds: Seconds = 10.0
-    greeting_timeout_seconds: Seconds = 300.0
+    # Not RFC 5321's 5 minutes: a backend next door that has not greeted in 30 s is not going to,
+    # and a transaction waiting on it is one a healthy server could have carried (it is replayed).
+    greeting_timeout_seconds: Seconds = 30.0
     command_timeout_seconds: Seconds = 300.0
     data_init_timeout_seconds: Seconds = 120.0
     data_block_timeout_seconds: Seconds = 180.0

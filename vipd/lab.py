@@ -67,6 +67,7 @@ relay_domains = ["example.com", ".example.com"]   # mail for these is accepted f
 [pool.incoming]
 balance = "roundrobin"
 servers = [{servers}]
+health = {{ interval_seconds = 2.0, rise = 2, fall = 2 }}   # SMTP checks; see docs/health.md
 
 [admin]
 listen = "127.0.0.1:0"
@@ -161,5 +162,8 @@ def _explain(workdir: Path, cfg: Path, port: int, admin_port: int, sinks, path: 
     print(f"Messages land in {workdir}/sink1 and {workdir}/sink2 (one file each), in turn.")
     print("Recipients must be in example.com (the lab's relay domain): others get 550 5.7.1 Relaying denied.")
     if admin_port:
-        print(f"Metrics: curl http://127.0.0.1:{admin_port}/metrics   status: curl http://127.0.0.1:{admin_port}/")
+        admin = f"http://127.0.0.1:{admin_port}"
+        print(f"Status page: {admin}/   metrics: curl {admin}/metrics")
+        print(f"Servers: vipctl --admin {admin} show   (then: server drain incoming/127.0.0.1:PORT, "
+              "pool hold incoming, ...)")
     print("Ctrl-C stops the lab.", flush=True)

@@ -291,7 +291,7 @@ def test_pool_defaults(tmp_path: Path) -> None:
     )
     assert (pool.connect_timeout_seconds, pool.greeting_timeout_seconds, pool.command_timeout_seconds) == (
         10.0,
-        300.0,
+        30.0,
         300.0,
     )
     assert (

@@ -141,8 +141,9 @@ class Daemon:
         return True
 
     # --- a worker of several: server states from the supervisor -----------------------------
-    def apply_control(self) -> None:
-        """Apply the supervisor's published server states, then say which generation is applied."""
+    def apply_control(self, ack: bool = True) -> None:
+        """Apply the supervisor's published server states, then say which generation is applied
+        (``ack``: only once SIGUSR1 is handled, for the supervisor signals the workers that said so)."""
         if self.run_dir is None or self.worker is None:
             return
         doc = control.read_control(self.run_dir)
@@ -152,7 +153,8 @@ class Daemon:
             pool = self.pools.get(name)
             if pool is not None:
                 pool.apply_published(published)
-        control.write_ack(self.run_dir, self.worker, doc.get("generation", 0))
+        if ack:
+            control.write_ack(self.run_dir, self.worker, doc.get("generation", 0))
 
     def _write_counts(self) -> None:
         if self.run_dir is None or self.worker is None:
@@ -282,6 +284,8 @@ class Daemon:
 
     # --- run and stop ------------------------------------------------------------------------
     async def start(self) -> None:
+        # A worker takes the supervisor's states before its first session: a held pool stays held.
+        self.apply_control(ack=False)
         await self._sync_listeners()
         if self.config.admin is not None and self.worker is None:
             from ..admin import start_admin

@@ -144,6 +144,7 @@ def make_app(fleet: Fleet, token: str | None) -> web.Application:
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 fleet.log.warning("admin refused " + fmt(path=request.path, by=_who(request),
                                                          reason="missing or wrong token"))
+                fleet.log.flush()
                 return _json({"error": "a valid bearer token is required"}, 401,
                              {"WWW-Authenticate": 'Bearer realm="vipd"'})
         try:

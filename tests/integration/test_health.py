@@ -117,8 +117,7 @@ def test_stop_one_of_three_under_load(lab: Lab) -> None:
         wait_for(lambda: len(c.messages()) > before + 3, timeout=60, what="c to get messages again")
     errors = [r for r in load.results if r[1] != 250]
     assert not errors, errors[:5]
-    log = vipd.log()
-    assert "server up pool=incoming server=c was=down" in log
+    wait_for(lambda: "server up pool=incoming server=c was=down" in vipd.log(), what="the log line")
     assert admin.server("incoming", "c")["check"]["ok"] is True
     # Every acknowledged message is stored somewhere.
     stored = sum(landed([sinks[0], sinks[1], c], "load-").values())

@@ -101,6 +101,7 @@ class Daemon:
             self.metrics.health.server_transitions.labels(pool, server, new).inc()
         say = self.log.warning if new == "down" else self.log.info
         say(f"server {new} " + fmt(pool=pool, server=server, was=old, reason=reason))
+        self.log.flush()            # rare, and an operator watching the log wants it now
 
     def failure(self, pool: str, server: str, detail: str) -> None:
         self.metrics.backend_failures.labels(pool, server).inc()

@@ -295,8 +295,15 @@ class PoolRuntime:
         self.events.checked(self.name, name, "smtp", result)
         flip = watch.health.observe(result.ok)
         what = "check passed" if result.ok else "check failed"
+        changes: dict[str, object] = {}
         if flip is not None or backend.healthy != watch.health.up:
-            self._set(backend, f"{what}: {result.detail}", healthy=watch.health.up)
+            changes["healthy"] = watch.health.up
+        if result.ok and watch.health.up and backend.held_off:
+            # A passing check is fresher news than the failed connection behind the hold-off.
+            watch.cancel("holdoff")
+            changes["held_off"] = False
+        if changes:
+            self._set(backend, f"{what}: {result.detail}", **changes)
         if backend.ejected:
             watch.passes_since_eject = watch.passes_since_eject + 1 if result.ok else 0
             if watch.passes_since_eject >= self.cfg.health.rise:

@@ -184,3 +184,15 @@ def test_held_pool() -> None:
                          [(0, 10, 1), (1, 10, 10), (5, 10, 50), (9.99, 10, 100), (10, 10, 100), (3, 0, 100)])
 def test_ramp_percent(elapsed: float, period: float, percent: int) -> None:
     assert ramp_percent(elapsed, period) == percent
+
+
+def test_a_passing_check_ends_a_hold_off() -> None:
+    async def go() -> None:
+        pool, _ = runtime()
+        a = pool.balancer.backend("a")
+        pool.mark_failed(a, BackendUnavailable("refused"))
+        assert a.held_off and a.state == "down"
+        pool.observe_check("a", OK)
+        assert not a.held_off and a.state == "up"
+        assert "holdoff" not in pool.watch["a"].timers
+    run(go())

@@ -301,3 +301,23 @@ def test_a_server_that_never_answers_does_not_slow_the_others(lab: Lab) -> None:
         for conn in held:
             conn.close()
         silent.close()
+
+
+def test_the_backup_takes_over_only_when_no_primary_is_left(lab: Lab) -> None:
+    a, spare = lab.sink("a"), lab.sink("spare")
+    text = config([a, spare]).replace('name = "spare" }', 'name = "spare", backup = true }')
+    vipd = lab.vipd(text)
+    admin = Admin(vipd.admin_port)  # type: ignore[arg-type]
+    for i in range(3):
+        assert send(vipd, f"primary-{i}")[0] == 250
+    assert landed([a, spare], "primary-") == {"a": 3}
+    a.proc.stop()
+    wait_for(lambda: admin.server("incoming", "a")["state"] == "down", timeout=SLACK, what="a down")
+    for i in range(3):
+        assert send(vipd, f"backup-{i}")[0] == 250
+    assert landed([a, spare], "backup-") == {"spare": 3}
+    a = lab.restart_sink(a)
+    wait_for(lambda: admin.server("incoming", "a")["state"] == "up", timeout=SLACK, what="a back")
+    for i in range(3):
+        assert send(vipd, f"again-{i}")[0] == 250
+    assert landed([a, spare], "again-") == {"a": 3}

@@ -59,6 +59,7 @@ __all__ = [
     "Identity",
     "LogLevel",
     "PoolConfig",
+    "QueueConfig",
     "ServerSpec",
     "VipConfig",
     "check",
@@ -197,6 +198,7 @@ class VipConfig:
     max_connections_per_client_per_minute: int  # 0: no limit
     max_refused_recipients: int
     refuse_load: float | None
+    queue_load: float | None = None   # QueueLA: above it, accept and spool instead of relaying
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,18 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """The `[queue]` table: how the durable failover queue (under `spool_dir`) retries and gives up."""
+
+    retry_min_seconds: float = 5.0
+    retry_max_seconds: float = 600.0       # like sendmail -q10m
+    concurrency: int = 10                  # deliveries at once per pool
+    warn_seconds: float = 4 * 3600.0       # a delay notice (0: never)
+    return_seconds: float = 5 * 86400.0    # a bounce
+    bounce_pool: str | None = None         # where notifications go; default: routed like any mail
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     """The `[admin]` HTTP listener. `token`: the bearer token every API call must carry (required
     when the listener is not on loopback)."""
@@ -262,6 +276,7 @@ class Config:
     vips: Mapping[str, VipConfig]
     pools: Mapping[str, PoolConfig]
     admin: AdminConfig | None
+    queue: QueueConfig = QueueConfig()
 
     @classmethod
     def from_toml_text(cls, text: str, path: str | os.PathLike[str] = "vipd.toml") -> Config:
@@ -576,6 +591,16 @@ class _VipTable(_Schema):
     max_connections_per_client_per_minute: Annotated[int, Field(ge=0)] = 0
     max_refused_recipients: Annotated[int, Field(ge=1)] = 20
     refuse_load: Annotated[float, Field(gt=0)] | None = None
+    queue_load: Annotated[float, Field(gt=0)] | None = None
+
+
+class _QueueTable(_Schema):
+    retry_min_seconds: Seconds = 5.0
+    retry_max_seconds: Seconds = 600.0
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 10
+    warn_seconds: Annotated[float, Field(ge=0)] = 4 * 3600.0
+    return_seconds: Seconds = 5 * 86400.0
+    bounce_pool: Name | None = None
 
 
 class _AdminTable(_Schema):
@@ -594,6 +619,7 @@ class _Document(_Schema):
     vip: Annotated[dict[Name, dict[str, Any]], Field(min_length=1)]
     pool: Annotated[dict[Name, dict[str, Any]], Field(min_length=1)]
     admin: _AdminTable | None = None
+    queue: _QueueTable | None = None
 
 
 # --- The two passes ----------------------------------------------------------------------------
@@ -640,6 +666,7 @@ class _Analysis:
                 pools[name] = pool
         self._check_listeners()
         self._check_admin()
+        self._check_queue()
         if self.problems or document is None:
             return None, self.problems
         return self._assemble(document, vips, pools), []
@@ -771,7 +798,19 @@ class _Analysis:
             pools=FrozenMap((name, _pool(name, pool)) for name, pool in pools.items()),
             admin=None if document.admin is None else AdminConfig(document.admin.listen,
                                                                    self._admin_token(document.admin)),
+            queue=QueueConfig() if document.queue is None else QueueConfig(**dict(document.queue)),
         )
+
+    def _check_queue(self) -> None:
+        queue = self.data.get("queue")
+        if not isinstance(queue, dict):
+            return
+        pool = _salvage(_NAME, queue.get("bounce_pool"))
+        if pool is not None and self._is_unknown_pool(pool):
+            self._add(("queue", "bounce_pool"), f"unknown pool {_quote(pool)}{self._pool_hint()}")
+        low, high = queue.get("retry_min_seconds", 5.0), queue.get("retry_max_seconds", 600.0)
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+            self._add(("queue", "retry_max_seconds"), f"must be >= retry_min_seconds ({low:g}), got {high:g}")
 
     def _admin_token(self, admin: _AdminTable) -> str | None:
         if admin.token_file is None:

@@ -82,6 +82,22 @@ class _PoolCollector(Collector):
         yield from (active, selected, up, state, weight, effective, idle, held)
 
 
+class SpoolCollector(Collector):
+    """``vipd_spool_messages``, ``vipd_spool_bytes``, ``vipd_spool_oldest_message_age_seconds``."""
+
+    def __init__(self, spool: object) -> None:
+        self._spool = spool
+
+    def collect(self):  # type: ignore[override]
+        import time
+        stats = self._spool.stats()  # type: ignore[attr-defined]
+        yield GaugeMetricFamily("vipd_spool_messages", "Messages in the failover queue", value=stats.messages)
+        yield GaugeMetricFamily("vipd_spool_bytes", "Bytes in the failover queue", value=stats.bytes)
+        age = 0.0 if stats.oldest_arrival is None else max(0.0, time.time() - stats.oldest_arrival)
+        yield GaugeMetricFamily("vipd_spool_oldest_message_age_seconds", "Age of the oldest queued message",
+                                value=age)
+
+
 class HealthMetrics:
     """What the active checks do. Kept apart because with several workers the supervisor runs the
     checks and exports these, and the workers must not export them too."""
@@ -139,12 +155,25 @@ class Metrics:
                                         ["zone"], buckets=_LATENCY_BUCKETS, registry=r)
         self.config_reloads = Counter("vipd_config_reloads", "Configuration reloads", ["result"],
                                       registry=r)
+        self.spool_deliveries = Counter("vipd_spool_deliveries", "Queued messages delivered", ["pool"],
+                                        registry=r)
+        self.spool_deferrals = Counter("vipd_spool_deferrals", "Queue delivery attempts deferred", ["pool"],
+                                       registry=r)
+        self.spool_bounces = Counter("vipd_spool_bounces", "Notifications queued to senders",
+                                     ["kind"], registry=r)
+        self.spool_write_failures = Counter("vipd_spool_write_failures",
+                                            "Messages refused because the spool could not be written",
+                                            registry=r)
         self._selected: Counter | None = None
         self._last_selected: dict[tuple[str, str], int] = {}
-        for outcome in ("relayed", "rejected", "deferred"):
+        for outcome in ("relayed", "queued", "rejected", "deferred"):
             self.messages.labels(outcome)
         for result in ("ok", "failed"):
             self.config_reloads.labels(result)
+
+    def watch_spool(self, spool: object) -> None:
+        """The queue's size, read from the spool folder at scrape time (so it counts every worker's)."""
+        self.registry.register(SpoolCollector(spool))
 
     def watch_pools(self, pools: Callable[[], Iterable[object]]) -> None:
         """Single process: read the pools at scrape time."""

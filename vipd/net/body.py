@@ -17,14 +17,22 @@ READ_BLOCK = 256 * 1024
 
 
 class Body:
-    __slots__ = ("_chunks", "_file", "size", "spill_bytes", "spill_dir")
+    __slots__ = ("_chunks", "_file", "_offset", "size", "spill_bytes", "spill_dir")
 
     def __init__(self, spill_bytes: int = SPILL_BYTES, spill_dir: str | None = None) -> None:
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
+        self._offset = 0
         self.size = 0
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
+
+    @classmethod
+    def from_file(cls, f: IO[bytes], offset: int, size: int) -> Body:
+        """A body read from an open file starting at ``offset`` (a spooled message); closes it."""
+        body = cls()
+        body._file, body._offset, body.size = f, offset, size
+        return body
 
     def append(self, data: bytes) -> None:
         self.size += len(data)
@@ -48,7 +56,7 @@ class Body:
             yield from self._chunks
             return
         self._file.flush()
-        self._file.seek(0)
+        self._file.seek(self._offset)
         while block := self._file.read(READ_BLOCK):
             yield block
         self._file.seek(0, 2)

@@ -32,6 +32,8 @@ from ..smtp.server import Limits
 from . import control
 from .monitor import Monitor
 from .pools import PoolRuntime
+from ..spool.runner import QueueRunner
+from ..spool.store import Spool
 from .screen import Prepared, Screen, prepare
 from .session import Session, limits_for
 
@@ -73,6 +75,7 @@ class Daemon:
         self.monitor: Monitor | None = None
         self.started = time.time()
         self.run_dir = run_dir
+        self.queue: QueueRunner | None = None
         self._apply(config)
         if worker is None:
             self.metrics.watch_pools(lambda: list(self.pools.values()))
@@ -83,7 +86,8 @@ class Daemon:
             if name in self.pools:
                 self.pools[name].update(cfg)
             else:
-                self.pools[name] = PoolRuntime(cfg, self, checks_elsewhere=self.worker is not None)
+                pool = self.pools[name] = PoolRuntime(cfg, self, checks_elsewhere=self.worker is not None)
+                pool.on_change = lambda p=pool: self.queue.pool_changed(p) if self.queue else None
         for name in [n for n in self.pools if n not in config.pools]:
             self.pools.pop(name).close()
         if self.monitor is not None:
@@ -94,6 +98,8 @@ class Daemon:
             self.dns = _dns_facts(config, self.metrics)
         self.config = config
         self.log.set_level(config.log_level)
+        if self.queue is not None:
+            self.queue.settings = config.queue
 
     # --- what pools report (vipd.net.pools.PoolEvents) ---------------------------------------
     def transition(self, pool: str, server: str, old: str, new: str, reason: str) -> None:
@@ -124,6 +130,28 @@ class Daemon:
 
     def helo_name(self, vip: VipConfig) -> str:
         return vip.hostname
+
+    def over_queue_load(self, vip: VipConfig) -> bool:
+        """sendmail's QueueLA: above ``queue_load`` mail is accepted and queued, not relayed now."""
+        return self.queue is not None and vip.queue_load is not None and os.getloadavg()[0] >= vip.queue_load
+
+    def _hostname(self, vip_name: str) -> str:
+        vip = self.config.vips.get(vip_name) or next(iter(self.config.vips.values()))
+        return vip.hostname
+
+    def _route_by_name(self, vip_name: str, domain: str) -> PoolRuntime:
+        vip = self.config.vips.get(vip_name) or next(iter(self.config.vips.values()))
+        return self.route(vip, domain)
+
+    def _start_queue(self) -> None:
+        if self.config.spool_dir is None:
+            return
+        spool = Spool(self.config.spool_dir)
+        self.queue = QueueRunner(spool, self.config.queue, pools=lambda: self.pools, route=self._route_by_name,
+                                 hostname=self._hostname, log=self.log, metrics=self.metrics)
+        if self.worker is None:
+            self.metrics.watch_spool(spool)
+        self.queue.start()
 
     async def reload(self) -> bool:
         try:
@@ -293,6 +321,7 @@ class Daemon:
             self._admin = await start_admin(self, self.config.admin.listen.host,
                                             self.config.admin.listen.port, self.config.admin.token)
         self._sweeper = asyncio.ensure_future(self._sweep())
+        self._start_queue()
         if self.worker is None:
             self.monitor = Monitor(next(iter(self.config.vips.values())).hostname)
             self.monitor.sync(self.pools)
@@ -368,6 +397,8 @@ class Daemon:
         self._servers.clear()
         if self.monitor is not None:
             self.monitor.close()
+        if self.queue is not None:
+            await self.queue.close()
         for pool in self.pools.values():
             pool.close()
         if self._admin is not None:

@@ -6,7 +6,10 @@ Rules (DESIGN.md section 2):
 - The client's DATA sends DATA to every part at once and the client gets 354 at once; the body is
   kept (vipd.net.body) and written when complete, so a part can be replayed on another server of its
   pool if its backend fails before the final reply.
-- The client gets 250 only when every part got 250 from a backend. Never otherwise.
+- The client gets 250 only when every part got 250 from a backend or is durably in the spool.
+- With a spool, a part goes there instead (the failover queue): when its pool has no usable server
+  or is held (its recipients are accepted without a backend), when the host is over ``queue_load``,
+  and when its backend answers 4xx or is lost and no other server of the pool can take it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..errors import BackendError
 from ..smtp import replies
@@ -41,6 +45,12 @@ class ClientFacts:
     esmtp: bool
 
 
+class Spooler(Protocol):
+    """Writes a part to the durable queue: its reply (``250 ... queued as``, or ``452 4.3.1``)."""
+
+    async def spool(self, txn: Transaction, part: Part, body: Body, header: bytes) -> Reply: ...
+
+
 @dataclass(slots=True)
 class Part:
     pool: PoolRuntime
@@ -53,13 +63,20 @@ class Part:
     attempts: int = 0
     server: str = ""
     delivery_seconds: float | None = None
+    spooled: bool = False            # goes to the queue, not to a backend now
+    queued_as: str | None = None
 
 
 class Transaction:
     """The backend side of one client transaction (MAIL to final reply)."""
 
-    def __init__(self, qid: str, mail: MailFrom, client: ClientFacts, helo_name: str) -> None:
+    def __init__(self, qid: str, mail: MailFrom, client: ClientFacts, helo_name: str,
+                 spooler: Spooler | None = None, queue_all: bool = False, vip: str = "") -> None:
+        """``queue_all``: the host is over its queue_load: every part goes to the spool."""
         self.qid = qid
+        self.spooler = spooler
+        self.queue_all = queue_all and spooler is not None
+        self.vip = vip
         self.mail = mail
         self.client = client
         self.helo_name = helo_name
@@ -79,9 +96,12 @@ class Transaction:
         """
         part = self.parts.get(pool.name)
         if part is None:
-            part = self.parts[pool.name] = Part(pool)
+            part = self.parts[pool.name] = Part(pool, spooled=self.queue_all)
         if part.failed is not None:
             return _done(part.failed)
+        if part.spooled:
+            part.rcpts.append(rcpt)
+            return _done(replies.RCPT_OK)
         lines = [rcpt_command(rcpt)]
         if part.lease is None:
             backend, lease = pool.lease_idle(self.client.ip, part.tried)
@@ -151,6 +171,8 @@ class Transaction:
                 lease = await part.pool.lease(self.client.ip, self.helo_name, part.tried, backend)
             backend = None
             if lease is None:
+                if self.spooler is not None:
+                    return self._to_spool(part, rcpt)
                 part.failed = replies.NO_BACKEND
                 return part.failed
             if self.aborted:
@@ -169,11 +191,23 @@ class Transaction:
             part.lease, part.server = lease, lease.backend.name
             return self._judge_envelope(part, lease, got, rcpt)
 
+    def _to_spool(self, part: Part, rcpt: Address | None) -> Reply:
+        """No server of the pool can take this part now: it goes to the queue, the recipient is ours."""
+        part.spooled = True
+        if rcpt is not None and rcpt not in part.rcpts:
+            part.rcpts.append(rcpt)
+        return replies.RCPT_OK
+
     def _judge_envelope(self, part: Part, lease: Lease | None, got: list[Reply],
                         rcpt: Address | None) -> Reply:
         """Replies to MAIL, the part's accepted recipients (replayed) and ``rcpt``: the client's reply."""
         assert lease is not None
         mail_reply, rcpt_replies = got[0], got[1:]
+        if mail_reply.is_transient and self.spooler is not None:
+            # The backend cannot take any mail now (a 4xx to MAIL): the queue can.
+            self._reset(part.pool, lease)
+            part.lease = None
+            return self._to_spool(part, rcpt)
         if not mail_reply.is_positive:
             part.failed = mail_reply
         elif any(not r.is_positive for r in rcpt_replies[: len(part.rcpts)]):
@@ -272,7 +306,7 @@ class Transaction:
         parts = [p for p in self.parts.values() if p.rcpts]
         self._release_idle_parts()
         part = parts[0] if len(parts) == 1 else None
-        if part is None or part.lease is None or body.spilled or part.data_reply is None:
+        if part is None or part.lease is None or body.spilled or part.data_reply is None or part.spooled:
             return self._task(self._finish(parts, body, header))
         out: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         lease, data_reply = part.lease, part.data_reply
@@ -303,6 +337,9 @@ class Transaction:
                     return
                 part.delivery_seconds = time.monotonic() - started
                 self._delivered(part, lease, done.result())
+                if part.result is not None and part.result.is_transient and self.spooler is not None:
+                    slow()               # the backend deferred it: the queue takes it
+                    return
                 out.set_result(self._verdict(parts))
 
             done.add_done_callback(delivered)
@@ -318,6 +355,11 @@ class Transaction:
             await self._deliver(parts[0], body, header)
         else:
             await asyncio.gather(*(self._deliver(p, body, header) for p in parts))
+        if self.spooler is not None and not self.aborted:
+            for part in parts:
+                if part.spooled or (part.result is not None and part.result.is_transient):
+                    part.spooled = True
+                    part.result = await self.spooler.spool(self, part, body, header)
         return self._verdict(parts)
 
     def _delivered(self, part: Part, lease: Lease, final: Reply) -> None:
@@ -334,9 +376,11 @@ class Transaction:
                 self._reset_after(part, lease)
 
     async def _deliver(self, part: Part, body: Body, header: bytes) -> None:
-        while part.result is None:
+        while part.result is None and not part.spooled:
             if part.lease is None:
                 reply = await self._open(part, None)
+                if part.spooled:
+                    return               # no server left: _finish puts it in the queue
                 if not reply.is_positive:
                     part.result = reply
                     return
@@ -404,8 +448,9 @@ class Transaction:
             part.pool.give_back(lease, reusable=False)
 
     def servers(self) -> str:
-        """The servers that carried the parts, for the log line."""
-        return ",".join(f"{p.pool.name}/{p.server}" for p in self.parts.values() if p.server)
+        """The servers that carried the parts (or the queue ids that took them), for the log line."""
+        return ",".join(f"{p.pool.name}/queue:{p.queued_as}" if p.queued_as else f"{p.pool.name}/{p.server}"
+                        for p in self.parts.values() if p.server or p.queued_as)
 
 
 def with_status(reply: Reply) -> Reply:

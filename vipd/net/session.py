@@ -81,7 +81,7 @@ class Session(asyncio.Protocol):
         self.body: Body | None = None
         self.txn_count = 0
         self.rcpts_ok = self.rcpts_refused = 0
-        self.msgs = {"relayed": 0, "rejected": 0, "deferred": 0, "discarded": 0}
+        self.msgs = {"relayed": 0, "queued": 0, "rejected": 0, "deferred": 0, "discarded": 0}
         self.discard = False
         self.bytes = 0
         self.term = ""
@@ -280,7 +280,8 @@ class Session(asyncio.Protocol):
         self.txn_count += 1
         qid = f"{self.sid}.{self.txn_count}"
         facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp)
-        self.txn = Transaction(qid, event, facts, self.daemon.helo_name(self.vip))
+        self.txn = Transaction(qid, event, facts, self.daemon.helo_name(self.vip), self.daemon.queue,
+                               self.daemon.over_queue_load(self.vip), self.vip.name)
         self.discard = verdict.kind == "discard"
         return replies.SENDER_OK
 
@@ -378,7 +379,10 @@ class Session(asyncio.Protocol):
         for part in txn.parts.values():
             if part.delivery_seconds is not None:
                 delivery.labels(part.pool.name, part.server).observe(part.delivery_seconds)
-        outcome = "relayed" if reply.code == 250 else ("deferred" if reply.is_transient else "rejected")
+        if reply.code == 250:
+            outcome = "queued" if any(p.queued_as for p in txn.parts.values()) else "relayed"
+        else:
+            outcome = "deferred" if reply.is_transient else "rejected"
         self._end_transaction(outcome, reply, event.size)
         return reply
 
@@ -473,7 +477,7 @@ class Session(asyncio.Protocol):
         self.log.info(f"{self.sid}: session " + fmt(
             client=self._client(), helo=f"<{self.conn.helo or ''}>", txns=self.txn_count,
             rcpts=f"{self.rcpts_ok}/{self.rcpts_refused}",
-            msgs=f"{m['relayed']}/{m['rejected']}/{m['deferred']}", bytes=self.bytes,
+            msgs=f"{m['relayed'] + m['queued']}/{m['rejected']}/{m['deferred']}", bytes=self.bytes,
             term=self.term or "--", duration_seconds=f"{duration:.3f}"))
 
     # --- timeouts and shutdown (called by the daemon's sweep) --------------------------------

@@ -115,6 +115,7 @@ INTERNAL = Reply(421, "4.3.0", "Internal error, closing connection")
 NO_BACKEND = Reply(451, "4.4.1", "No backend available, try again later")
 BACKEND_FAILED = Reply(451, "4.4.2", "Backend connection lost, try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")
+SPOOL_FAILED = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 
 # --- 5xx: the client broke the protocol -----------------------------------------------------

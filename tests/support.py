@@ -208,11 +208,17 @@ class Lab:
         agent.proc, agent.port = proc, int(match.group(1))
         return agent
 
-    def vipd(self, config_text: str, name: str = "vipd", vips: tuple[str, ...] = ("mx",)) -> Vipd:
+    def vipd(self, config_text: str, name: str = "vipd", vips: tuple[str, ...] = ("mx",),
+             wrap: list[str] | None = None) -> Vipd:
+        """vipd on ``config_text``; ``wrap``: a command line to run it under (``{cmd}`` stands for it)."""
         cfg = self.tmp / f"{name}.toml"
         cfg.write_text(config_text)
         log = self.tmp / f"{name}.log"
-        proc = start(name, [PYTHON, "-m", "vipd", "run", "--config", str(cfg)], log)
+        cmd = [PYTHON, "-m", "vipd", "run", "--config", str(cfg)]
+        if wrap:
+            import shlex
+            cmd = [part.replace("{cmd}", shlex.join(cmd)) for part in wrap]
+        proc = start(name, cmd, log)
         self.procs.append(proc)
         vipd = Vipd(proc, cfg)
 

@@ -19,7 +19,7 @@ import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 __all__ = ["FailedRecipient", "build_dsn"]
@@ -358,8 +358,8 @@ def _boundary(qid: str, digest: str, bodies: Sequence[bytes]) -> str:
 
 def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def _date(moment: datetime) -> str:

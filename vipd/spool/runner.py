@@ -84,6 +84,7 @@ class QueueRunner:
             size = await asyncio.to_thread(self.store.put, env, [header, *body.chunks()])
         except SpoolError as exc:
             self.log.error(f"{txn.qid}: spool write failed " + fmt(pool=part.pool.name, reason=str(exc)))
+            self.log.flush()
             self._count("spool_write_failures")
             return replies.SPOOL_FAILED
         part.queued_as = qid

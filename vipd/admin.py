@@ -6,6 +6,10 @@ Routes:
     POST /api/pools/{pool}                      {"held": true | false}: the shut-off valve
     POST /api/pools/{pool}/servers/{server}     {"admin": "ready" | "drain" | "maint"} and/or
                                                 {"weight": 0..256 | null (back to the configured one)}
+    GET  /api/queue[?pool=P]                    the failover queue, like mailq
+    GET  /api/queue/{id}                        one queued message, with its headers
+    POST /api/queue/flush                       {"pool": P | null}: try now
+    POST /api/queue/{id}                        {"action": "hold" | "release" | "delete" | "bounce"}
     GET  /metrics                               Prometheus text
 
 When a token is configured every route but the page itself (which holds no data) needs
@@ -30,6 +34,9 @@ from .status import pool_document, server_document, status_document
 if TYPE_CHECKING:
     from .net.daemon import Daemon
     from .net.pools import PoolRuntime
+    from .spool.runner import QueueRunner
+
+QUEUE_ACTIONS = frozenset({"hold", "release", "delete", "bounce"})
 
 __all__ = ["DaemonFleet", "Fleet", "FleetError", "apply_pool", "apply_server", "start_admin"]
 
@@ -51,6 +58,8 @@ class Fleet(Protocol):
     async def set_pool(self, pool: str, held: bool, who: str) -> dict[str, Any]: ...
     async def set_server(self, pool: str, server: str, changes: dict[str, Any], who: str) -> dict[str, Any]: ...
     def metrics(self) -> bytes: ...
+    def queue_runner(self) -> QueueRunner | None: ...
+    async def queue_flush(self, pool: str | None, who: str) -> int: ...
 
 
 def check_server_changes(body: object) -> dict[str, Any]:
@@ -97,9 +106,15 @@ def apply_pool(pools: dict[str, PoolRuntime], pool_name: str, held: object) -> P
 
 
 def log_change(log: LogBuffer, who: str, pool: str, server: str | None = None, **changes: Any) -> None:
-    shown = {k: ("config" if v is None else str(v).lower()) for k, v in changes.items()}
+    shown = {k: ("config" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+             for k, v in changes.items()}
     target = {"pool": pool} if server is None else {"pool": pool, "server": server}
     log.info("admin change " + fmt(**target, **shown, by=who))
+    log.flush()
+
+
+def log_queue_flush(log: LogBuffer, who: str, pool: str | None, count: int | None) -> None:
+    log.info("admin queue " + fmt(action="flush", pool=pool or "all", messages=count, by=who))
     log.flush()
 
 
@@ -128,6 +143,22 @@ class DaemonFleet:
 
     def metrics(self) -> bytes:
         return generate_latest(self.daemon.metrics.registry)
+
+    def queue_runner(self) -> QueueRunner | None:
+        return self.daemon.queue
+
+    async def queue_flush(self, pool: str | None, who: str) -> int:
+        runner = _runner(self)
+        count = runner.flush(pool)
+        log_queue_flush(self.log, who, pool, count)
+        return count
+
+
+def _runner(fleet: Fleet) -> QueueRunner:
+    runner = fleet.queue_runner()
+    if runner is None:
+        raise FleetError(404, "no failover queue: spool_dir is not set in the configuration")
+    return runner
 
 
 def _hostname(config) -> str:
@@ -173,12 +204,50 @@ def make_app(fleet: Fleet, token: str | None) -> web.Application:
         info = request.match_info
         return _json(await fleet.set_server(info["pool"], info["server"], changes, _who(request)))
 
+    async def queue_list(request: web.Request) -> web.Response:
+        messages = _runner(fleet).listing(request.query.get("pool"))
+        return _json({"count": len(messages), "bytes": sum(m["size"] for m in messages), "messages": messages})
+
+    async def queue_show(request: web.Request) -> web.Response:
+        try:
+            return _json(_runner(fleet).show(request.match_info["qid"]))
+        except KeyError:
+            raise FleetError(404, f"no queued message {request.match_info['qid']!r}") from None
+
+    async def queue_flush(request: web.Request) -> web.Response:
+        body = await _body(request)
+        pool = body.get("pool") if isinstance(body, dict) else None
+        if pool is not None and not isinstance(pool, str):
+            raise FleetError(400, 'expected {"pool": NAME} or {"pool": null}')
+        return _json({"flushed": await fleet.queue_flush(pool, _who(request))})
+
+    async def queue_operate(request: web.Request) -> web.Response:
+        body = await _body(request)
+        action = body.get("action") if isinstance(body, dict) else None
+        if action not in QUEUE_ACTIONS:
+            raise FleetError(400, f"action must be one of {', '.join(sorted(QUEUE_ACTIONS))}, got {action!r}")
+        qid = request.match_info["qid"]
+        try:
+            result = await _runner(fleet).operate(qid, action)
+        except KeyError:
+            raise FleetError(404, f"no queued message {qid!r}") from None
+        except TimeoutError as exc:
+            raise FleetError(409, str(exc)) from None
+        fleet.log.info("admin queue " + fmt(id=qid, action=action, result=result, by=_who(request)))
+        if action == "release":
+            await fleet.queue_flush(None, _who(request))
+        return _json({"id": qid, "result": result})
+
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app.router.add_get("/", index)
     app.router.add_get("/api/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/pools/{pool}", pool)
     app.router.add_post("/api/pools/{pool}/servers/{server}", server)
+    app.router.add_get("/api/queue", queue_list)
+    app.router.add_post("/api/queue/flush", queue_flush)
+    app.router.add_get("/api/queue/{qid}", queue_show)
+    app.router.add_post("/api/queue/{qid}", queue_operate)
     return app
 
 

@@ -8,6 +8,10 @@ It finds the admin listener from ``--admin URL`` or from the ``[admin]`` table o
     server drain|ready|maint POOL/SERVER        the operator's state of a server
     server weight POOL/SERVER N|config          a runtime weight, or back to the configured one
     pool hold|release POOL                      the shut-off valve: nothing is sent to a held pool
+    queue list [--pool P] [--json]              the failover queue, like mailq
+    queue show ID [--json]                      one message: envelope, state, headers
+    queue flush [POOL]                          try every (or one pool's) queued message now
+    queue hold|release|delete|bounce ID         one message
 
 Exit status: 0 done, 1 the daemon refused or could not be reached, 2 a usage error.
 """
@@ -152,7 +156,62 @@ def build_parser() -> argparse.ArgumentParser:
     pool = sub.add_parser("pool", help="hold or release a whole pool").add_subparsers(dest="action", required=True)
     for action, text in (("hold", "send nothing to this pool (the shut-off valve)"), ("release", "send again")):
         pool.add_parser(action, help=text).add_argument("pool")
+    queue = sub.add_parser("queue", help="the failover queue").add_subparsers(dest="action", required=True)
+    listing = queue.add_parser("list", help="every queued message, like mailq")
+    listing.add_argument("--pool")
+    listing.add_argument("--json", action="store_true")
+    show_one = queue.add_parser("show", help="one queued message")
+    show_one.add_argument("id")
+    show_one.add_argument("--json", action="store_true")
+    queue.add_parser("flush", help="try queued messages now").add_argument("pool", nargs="?")
+    for action, text in (("hold", "keep a message from delivery"), ("release", "let a held message go"),
+                         ("delete", "remove a message without notice"),
+                         ("bounce", "return a message to its sender now")):
+        queue.add_parser(action, help=text).add_argument("id")
     return parser
+
+
+def render_queue(doc: dict[str, Any]) -> str:
+    if not doc["messages"]:
+        return "queue is empty\n"
+    rows = [["ID", "SIZE", "AGE", "POOL", "TRIES", "SENDER", "RECIPIENTS"]]
+    notes: dict[int, str] = {}
+    for m in doc["messages"]:
+        flag = "!" if m["held"] else ("*" if m["delivering"] else "")
+        rows.append([m["id"] + flag, str(m["size"]), _duration(m["age_seconds"]), m["pool"], str(m["attempts"]),
+                     f"<{m['sender']}>", ", ".join(m["recipients"])])
+        if m["last_error"]:
+            notes[len(rows) - 1] = f"    ({m['last_error']})"
+    out = []
+    for i, line in enumerate(_table(rows)):
+        out.append(line)
+        if i in notes:
+            out.append(notes[i])
+    out.append(f"-- {doc['count']} message{'s' if doc['count'] != 1 else ''}, {doc['bytes']} bytes "
+               "(! held, * being delivered)")
+    return "\n".join(out) + "\n"
+
+
+def _queue(args: argparse.Namespace, base: str, token: str | None) -> str:
+    if args.action == "list":
+        query = f"?pool={_quote(args.pool)}" if args.pool else ""
+        raw = _call(base, token, f"/api/queue{query}")
+        return raw.decode() + "\n" if args.json else render_queue(json.loads(raw))
+    if args.action == "show":
+        raw = _call(base, token, f"/api/queue/{_quote(args.id)}")
+        if args.json:
+            return raw.decode() + "\n"
+        doc = json.loads(raw)
+        head = [f"{k}: {doc.get(k)}" for k in ("id", "pool", "sender", "recipients", "size", "age_seconds",
+                                               "attempts", "last_error", "held", "client", "helo")]
+        return "\n".join(head) + "\n\n" + doc.get("headers", "") + "\n"
+    if args.action == "flush":
+        doc = json.loads(_call(base, token, "/api/queue/flush", {"pool": args.pool}))
+        if doc["flushed"] is None:                   # several workers: each flushes its own
+            return "queue flush: requested\n"
+        return f"queue flush: {doc['flushed']} message(s) due now\n"
+    doc = json.loads(_call(base, token, f"/api/queue/{_quote(args.id)}", {"action": args.action}))
+    return f"queue {doc['id']}: {doc['result']}\n"
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -162,6 +221,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
         return raw.decode() + "\n" if args.json else render_status(json.loads(raw))
     if args.command == "metrics":
         return _call(base, token, "/metrics").decode()
+    if args.command == "queue":
+        return _queue(args, base, token)
     if args.command == "pool":
         held = args.action == "hold"
         doc = json.loads(_call(base, token, f"/api/pools/{_quote(args.pool)}", {"held": held}))

@@ -105,9 +105,10 @@ class Senders:
             return len(self.replies)
 
 
-def test_hold_200_then_release_all_arrive_exactly_once(lab: Lab) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hold_200_then_release_all_arrive_exactly_once(lab: Lab, workers: int) -> None:
     a, b = lab.sink("a"), lab.sink("b")
-    vipd = lab.vipd(config(lab, [a, b]))
+    vipd = lab.vipd(f"workers = {workers}\n" + config(lab, [a, b]))
     admin = Admin(vipd.admin_port)  # type: ignore[arg-type]
     admin.vipctl("pool", "hold", "incoming")
     results: dict[str, tuple[int, str]] = {}
@@ -236,3 +237,42 @@ def test_a_message_past_queue_return_bounces_with_a_dsn(lab: Lab) -> None:
     assert "X-Tag: doomed" in parts[2].get_content()
     wait_for(lambda: not [f for f in queue_files(lab)], timeout=10, what="the queue to empty")
     wait_for(lambda: f"{qid}: returned" in vipd.log(), what="the log line")
+
+
+def test_operators_list_show_hold_release_delete_bounce_flush(lab: Lab) -> None:
+    a = lab.sink("a")
+    vipd = lab.vipd(config(lab, [a]))
+    admin = Admin(vipd.admin_port)  # type: ignore[arg-type]
+    admin.vipctl("pool", "hold", "incoming")
+    ids = {}
+    for tag in ("keep", "drop", "back"):
+        code, text = send(vipd, tag)
+        assert code == 250
+        ids[tag] = text.rsplit(" ", 1)[1]
+    listing = admin.vipctl("queue", "list").stdout
+    assert "-- 3 messages" in listing
+    assert all(qid in listing for qid in ids.values())
+    assert "<sender@example.org>" in listing and "rcpt@example.com" in listing
+
+    assert admin.vipctl("queue", "hold", ids["keep"]).stdout == f"queue {ids['keep']}: held\n"
+    assert f"{ids['keep']}!" in admin.vipctl("queue", "list").stdout
+    shown = admin.vipctl("queue", "show", ids["keep"]).stdout
+    assert "X-Tag: keep" in shown and "held: True" in shown
+    assert admin.vipctl("queue", "delete", ids["drop"]).stdout == f"queue {ids['drop']}: deleted\n"
+    assert admin.vipctl("queue", "bounce", ids["back"]).stdout == f"queue {ids['back']}: bounced\n"
+    out = admin.vipctl("queue", "show", "NOSUCHID", check=False)
+    assert out.returncode == 1 and "404" in out.stderr
+
+    admin.vipctl("pool", "release", "incoming")
+    # The bounce (to sender@example.org, routed to the only pool) goes out; the held one waits.
+    wait_for(lambda: any(m.envelope["mail_from"] == "" for m in a.messages()), what="the bounce")
+    time.sleep(1.5)                                     # a flush would have sent the held one by now
+    assert [m for m in a.messages() if b"X-Tag: keep" in m.body] == []
+    admin.vipctl("queue", "release", ids["keep"])
+    wait_for(lambda: any(b"X-Tag: keep" in m.body for m in a.messages()), what="the released one")
+    assert not any(b"X-Tag: drop" in m.body for m in a.messages())
+    assert admin.vipctl("queue", "list").stdout == "queue is empty\n"
+    assert admin.vipctl("queue", "flush").stdout == "queue flush: 0 message(s) due now\n"
+    log = vipd.log()
+    for action in ("hold", "delete", "bounce", "release"):
+        assert "admin queue id=" in log and f"action={action}" in log, action

@@ -3,7 +3,8 @@
 In the run folder of one supervisor:
 
 - ``control.json``: the server states the supervisor decides (checks, agent, slow start, operator
-  words, held pools), with a generation number; rewritten on every change, then SIGUSR1 to workers.
+  words, held pools) and the last queue flush asked for, with a generation number; rewritten on
+  every change, then SIGUSR1 to workers.
 - ``ack-N``: worker N's PID and the last generation it applied; the supervisor waits for these
   before it answers an operator, so "drained" means every worker has stopped sending.
 - ``counts-N.json``: worker N's sessions and per-server counts, rewritten every second, for the status.
@@ -34,8 +35,11 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def write_control(run_dir: Path, generation: int, pools: dict[str, Any]) -> None:
-    _write(run_dir / "control.json", json.dumps({"generation": generation, "pools": pools}))
+def write_control(run_dir: Path, generation: int, pools: dict[str, Any],
+                  flush: tuple[int, str | None] = (0, None)) -> None:
+    """``flush``: (a number that grows with every operator's flush, its pool or None for all)."""
+    _write(run_dir / "control.json", json.dumps({"generation": generation, "pools": pools,
+                                                 "flush": {"seq": flush[0], "pool": flush[1]}}))
 
 
 def read_control(run_dir: Path) -> dict[str, Any] | None:

@@ -76,6 +76,7 @@ class Daemon:
         self.started = time.time()
         self.run_dir = run_dir
         self.queue: QueueRunner | None = None
+        self._flush_seq = -1          # the first control file read sets it: old flushes are not redone
         self._apply(config)
         if worker is None:
             self.metrics.watch_pools(lambda: list(self.pools.values()))
@@ -182,6 +183,11 @@ class Daemon:
             pool = self.pools.get(name)
             if pool is not None:
                 pool.apply_published(published)
+        flush = doc.get("flush") or {}
+        seq = flush.get("seq", 0)
+        if self.queue is not None and seq > self._flush_seq and self._flush_seq >= 0:
+            self.queue.flush(flush.get("pool"))
+        self._flush_seq = seq
         if ack:
             control.write_ack(self.run_dir, self.worker, doc.get("generation", 0))
 

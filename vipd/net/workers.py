@@ -96,11 +96,36 @@ class Supervisor:
                                              else f"{host}:{port}", workers=config.workers))
         self.health = HealthMetrics(CollectorRegistry())
         self.health.watch_states(lambda: list(self.pools.values()))
+        if config.spool_dir is not None:
+            from ..metrics import SpoolCollector
+            from ..spool.store import Spool
+            self.health.registry.register(SpoolCollector(Spool(config.spool_dir)))
         self.pools: dict[str, PoolRuntime] = {}
         self.generation = 0
+        self.flush_seq = 0
+        self.flush_pool: str | None = None
         self._publish_soon: asyncio.Handle | None = None
         self._apply_pools(config)
+        self.queue = self._queue_ops()
         self.publish()
+
+    def _queue_ops(self):
+        """A queue runner that never runs: the supervisor lists and changes entries, workers deliver."""
+        if self.config.spool_dir is None:
+            return None
+        from ..spool.runner import QueueRunner
+        from ..spool.store import Spool
+
+        def vip(name: str):
+            return self.config.vips.get(name) or next(iter(self.config.vips.values()))
+
+        def route(vip_name: str, domain: str) -> PoolRuntime:
+            v = vip(vip_name)
+            name = v.routes.lookup(domain) if v.routes is not None and domain else None
+            return self.pools.get(name or v.default_pool) or next(iter(self.pools.values()))
+
+        return QueueRunner(Spool(self.config.spool_dir), self.config.queue, pools=lambda: self.pools,
+                           route=route, hostname=lambda name: vip(name).hostname, log=self.log)
 
     # --- pools and their states --------------------------------------------------------------
     def _apply_pools(self, config: Config) -> None:
@@ -136,7 +161,8 @@ class Supervisor:
         self._publish_soon = None
         self.generation += 1
         control.write_control(self.run_dir, self.generation,
-                              {name: pool.published() for name, pool in self.pools.items()})
+                              {name: pool.published() for name, pool in self.pools.items()},
+                              flush=(self.flush_seq, self.flush_pool))
         for index, child in self.children.items():
             ack = control.read_ack(self.run_dir, index)
             # A worker acknowledges once it handles SIGUSR1; before that the signal would kill it,
@@ -238,6 +264,19 @@ class SupervisorFleet:
         await self._published()
         _, servers = self.sup.counts()
         return server_document(runtime, server, lambda p, s: servers.get((p, s), (0, 0, 0)))
+
+    def queue_runner(self):
+        return self.sup.queue
+
+    async def queue_flush(self, pool: str | None, who: str) -> int | None:
+        from ..admin import FleetError, log_queue_flush
+        if self.sup.queue is None:
+            raise FleetError(404, "no failover queue: spool_dir is not set in the configuration")
+        self.sup.flush_seq += 1
+        self.sup.flush_pool = pool
+        log_queue_flush(self.log, who, pool, None)
+        await self._published()
+        return None
 
     def metrics(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess

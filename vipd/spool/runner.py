@@ -346,9 +346,67 @@ class QueueRunner:
         if metric is not None:
             (metric.labels(label) if label is not None else metric).inc()
 
-    # --- for operators -----------------------------------------------------------------------
-    def listing(self) -> list[dict[str, Any]]:
-        return list_queue(self.store, self.active)
+    # --- for operators (like mailq, postqueue and postsuper) ---------------------------------
+    def listing(self, pool: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in list_queue(self.store, self.active) if pool is None or e["pool"] == pool]
+
+    def show(self, qid: str) -> dict[str, Any]:
+        """One entry with its state and the message's header section."""
+        env, state = self._load_for_operator(qid)
+        f, offset = self.store.open_data(qid)
+        with f:
+            f.seek(offset)
+            head = f.read(64 * 1024).split(b"\r\n\r\n", 1)[0]
+        entry = next(e for e in list_queue(self.store, self.active) if e["id"] == qid) \
+            if os.path.exists(self.store.queue / f"{qid}.msg") else {}
+        return {**entry, "arrival": env.arrival, "client": env.client_ip, "helo": env.helo, "vip": env.vip,
+                "failed": state.failed, "headers": _unstuff_head(head).decode("utf-8", "replace")}
+
+    async def operate(self, qid: str, action: str) -> str:
+        """``hold``, ``release``, ``delete`` or ``bounce`` one message; what happened, for the log.
+
+        Waits briefly for the message's lock, so nothing is changed under a delivery in flight;
+        KeyError if there is no such message, TimeoutError if it stays locked.
+        """
+        self._load_for_operator(qid)
+        fd = None
+        for _ in range(100):
+            fd = await asyncio.to_thread(self.store.lock, qid)
+            if fd is not None or not os.path.exists(self.store.queue / f"{qid}.msg"):
+                break
+            await asyncio.sleep(0.05)
+        if fd is None:
+            if not os.path.exists(self.store.queue / f"{qid}.msg"):
+                raise KeyError(qid)
+            raise TimeoutError(f"{qid} is being delivered; try again")
+        try:
+            env = await asyncio.to_thread(self.store.envelope, qid)
+            state = await asyncio.to_thread(self.store.state, qid, env)
+            if action in ("hold", "release"):
+                state.held = action == "hold"
+                if not state.held:
+                    state.next_attempt = 0.0
+                await asyncio.to_thread(self.store.save_state, qid, state)
+                self._schedule(qid, env.pool, FAR if state.held else time.time())
+                return "held" if state.held else "released"
+            if action == "delete":
+                await asyncio.to_thread(self.store.remove, qid)
+                self._forget(qid)
+                return "deleted"
+            if action == "bounce":
+                await self._give_up(env, state, [(r, "5.0.0", "returned by the operator") for r in state.remaining],
+                                    "returned by the operator")
+                return "bounced"
+            raise ValueError(f"unknown action {action!r}")
+        finally:
+            os.close(fd)
+
+    def _load_for_operator(self, qid: str) -> tuple[Envelope, State]:
+        try:
+            env = self.store.envelope(qid)
+        except (FileNotFoundError, ValueError):
+            raise KeyError(qid) from None
+        return env, self.store.state(qid, env)
 
 
 def list_queue(spool: Spool, active: set[str] | None = None) -> list[dict[str, Any]]:

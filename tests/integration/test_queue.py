@@ -214,13 +214,15 @@ def test_a_message_past_queue_return_bounces_with_a_dsn(lab: Lab) -> None:
     z = lab.sink("z")
     dead = lab.sink("dead")
     dead.proc.stop()
-    queue = "[queue]\nretry_min_seconds = 0.3\nretry_max_seconds = 0.5\nreturn_seconds = 2\nbounce_pool = \"bounces\"\n"
+    queue = ("[queue]\nretry_min_seconds = 0.3\nretry_max_seconds = 0.5\nwarn_seconds = 1\nreturn_seconds = 3\n"
+             'bounce_pool = "bounces"\n')
     text = config(lab, [dead], queue=queue) + f'\n[pool.bounces]\nservers = ["{z.address}"]\n'
     vipd = lab.vipd(text)
     code, reply = send(vipd, "doomed")
     assert code == 250 and "queued as" in reply
     qid = reply.rsplit(" ", 1)[1]
-    dsn = wait_for(lambda: z.messages(), timeout=20, what="the bounce")[0]
+    delay, dsn = wait_for(lambda: len(z.messages()) >= 2 and z.messages(), timeout=20, what="two notices")
+    assert b"Subject: Delayed Mail" in delay.body and b"Action: delayed" in delay.body
     assert dsn.envelope["mail_from"] == ""                    # notifications come from <>
     assert dsn.envelope["rcpt_to"] == ["sender@example.org"]
     msg = email.message_from_bytes(dsn.body, policy=email.policy.default)
@@ -276,3 +278,39 @@ def test_operators_list_show_hold_release_delete_bounce_flush(lab: Lab) -> None:
     log = vipd.log()
     for action in ("hold", "delete", "bounce", "release"):
         assert "admin queue id=" in log and f"action={action}" in log, action
+
+
+def test_over_queue_load_mail_is_queued_then_delivered(lab: Lab) -> None:
+    if os.getloadavg()[0] <= 0.0:
+        pytest.skip("the load average is exactly 0: no threshold is below it")
+    a = lab.sink("a")
+    text = config(lab, [a]).replace('default_pool = "incoming"', 'default_pool = "incoming"\nqueue_load = 0.000001')
+    vipd = lab.vipd(text)
+    code, reply = send(vipd, "busy")
+    assert code == 250 and "queued as" in reply
+    wait_for(lambda: tags([a]) == Counter({"busy": 1}), what="delivery from the queue")
+    wait_for(lambda: "why=queue_load" in vipd.log(), what="the log line")
+
+
+def test_per_recipient_results_a_5xx_bounces_and_the_rest_is_delivered(lab: Lab) -> None:
+    a = lab.sink("a", "--reject-rcpt", "^nobody@")
+    vipd = lab.vipd(config(lab, [a]))
+    admin = Admin(vipd.admin_port)  # type: ignore[arg-type]
+    admin.vipctl("pool", "hold", "incoming")
+    with smtplib.SMTP("127.0.0.1", vipd.port(), local_hostname="client.test", timeout=30) as s:
+        s.ehlo()
+        s.mail("sender@example.org")
+        assert s.rcpt("rcpt@example.com")[0] == 250
+        assert s.rcpt("nobody@example.com")[0] == 250      # the pool is held: the queue accepts both
+        code, text = s.data(b"Subject: split\r\nX-Tag: split\r\n\r\nhello\r\nend of split\r\n")
+    assert code == 250
+    admin.vipctl("pool", "release", "incoming")
+    # The message reaches rcpt@, nobody@ is refused for good: its sender gets a bounce (through the
+    # same pool, which accepts sender@example.org), and the entry leaves the queue.
+    messages = wait_for(lambda: len(a.messages()) >= 2 and a.messages(), what="delivery and bounce")
+    delivered = [m for m in messages if m.envelope["mail_from"] == "sender@example.org"]
+    bounces = [m for m in messages if m.envelope["mail_from"] == ""]
+    assert [m.envelope["rcpt_to"] for m in delivered] == [["rcpt@example.com"]]
+    assert len(bounces) == 1 and b"Final-Recipient: rfc822; nobody@example.com" in bounces[0].body
+    assert b"Status: 5.1.1" in bounces[0].body
+    wait_for(lambda: not queue_files(lab), what="the queue to empty")

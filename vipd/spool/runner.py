@@ -70,6 +70,7 @@ class QueueRunner:
         self._last_scan = 0.0
         self._running: set[asyncio.Task[None]] = set()
         self._arrival: dict[str, float] = {}
+        self._warned: set[str] = set()
 
     # --- into the spool ------------------------------------------------------------------------
     async def spool(self, txn: Transaction, part: Part, body: Body, header: bytes) -> Reply:
@@ -90,12 +91,14 @@ class QueueRunner:
         part.queued_as = qid
         self.log.info(f"{txn.qid}: queued " + fmt(queue_id=qid, pool=part.pool.name, size=size,
                                                   nrcpt=len(env.recipients), why=_why(part, txn)))
-        self._schedule(qid, env.pool, time.time())
+        # Over queue_load the point is to do less now: the first attempt waits like a retry would.
+        self._schedule(qid, env.pool, time.time() + (self.settings.retry_min_seconds if txn.queue_all else 0))
         return replies.OK.with_text(f"Ok: queued as {qid}")
 
-    def _schedule(self, qid: str, pool: str, when: float) -> None:
+    def _schedule(self, qid: str, pool: str, when: float, arrival: float | None = None) -> None:
         self.due[qid] = when
         self.pool_of[qid] = pool
+        self._arrival.setdefault(qid, time.time() if arrival is None else arrival)
         self._wake.set()
 
     # --- running -----------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class QueueRunner:
                 if due > now or qid in self.active:
                     continue
                 pool = pools.get(self.pool_of.get(qid, ""))
-                if pool is not None and not _usable(pool) and not self._expired(qid, now):
+                if pool is not None and not _usable(pool) and self._notice_at(qid) > now:
                     continue                            # flushed when the pool comes back
                 sem = self._semaphores.setdefault(self.pool_of.get(qid, ""),
                                                   asyncio.Semaphore(self.settings.concurrency))
@@ -151,17 +154,24 @@ class QueueRunner:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             self._wake.clear()
-            later = [d for q, d in self.due.items() if q not in self.active and d > now]
+            waiting = [q for q in self.due if q not in self.active]
+            later = [t for q in waiting for t in (self.due[q], self._notice_at(q)) if now < t < FAR]
             timeout = min([RESCAN_SECONDS, *(d - now for d in later)])
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
             except TimeoutError:
                 pass
 
-    def _expired(self, qid: str, now: float) -> bool:
-        # Expiry must not wait for a pool that never returns: the bounce is the point.
+    def _notice_at(self, qid: str) -> float:
+        """When this message is due a delay notice or its return, pool or no pool: those must not
+        wait for a pool that may never come back; telling the sender is the point."""
         arrival = self._arrival.get(qid)
-        return arrival is not None and now - arrival >= self.settings.return_seconds
+        if arrival is None:
+            return FAR
+        warn = self.settings.warn_seconds
+        if warn and qid not in self._warned and warn < self.settings.return_seconds:
+            return arrival + warn
+        return arrival + self.settings.return_seconds
 
     async def _learn(self, qid: str) -> None:
         try:
@@ -170,6 +180,8 @@ class QueueRunner:
         except (OSError, ValueError):
             return
         self._arrival[qid] = env.arrival
+        if state.warned or env.kind != "message" or not env.sender:
+            self._warned.add(qid)
         self.due[qid] = FAR if state.held else state.next_attempt
         self.pool_of[qid] = env.pool
 
@@ -190,6 +202,7 @@ class QueueRunner:
         self.due.pop(qid, None)
         self.pool_of.pop(qid, None)
         self._arrival.pop(qid, None)
+        self._warned.discard(qid)
 
     # --- one attempt -------------------------------------------------------------------------
     async def _attempt(self, qid: str, sem: asyncio.Semaphore) -> None:
@@ -230,6 +243,8 @@ class QueueRunner:
             await self._notify(env, [(r, "4.4.7", state.last_error or None) for r in state.remaining], "delayed")
             state.warned = True
             await asyncio.to_thread(self.store.save_state, qid, state)
+        if state.warned or env.kind != "message" or not env.sender:
+            self._warned.add(qid)
         pool = self._pools().get(env.pool)
         if pool is None:                      # its pool was removed by a reload: route it again
             pool = self._route(env.vip, address(state.remaining[0]).domain)

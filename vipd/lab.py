@@ -57,6 +57,8 @@ def _start_sink(workdir: Path, name: str) -> tuple[subprocess.Popen, int]:
 def lab_config(port: int, sink_ports: list[int]) -> str:
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in sink_ports)
     return f"""# Written by `vipd lab`: one VIP on loopback before two sink backends.
+spool_dir = "spool"                     # the failover queue: try `vipctl ... pool hold incoming`
+
 [vip.mx]
 listen = ["127.0.0.1:{port}"]
 hostname = "mx.lab.vipd.test"

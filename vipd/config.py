@@ -199,6 +199,11 @@ class VipConfig:
     max_refused_recipients: int
     refuse_load: float | None
     queue_load: float | None = None   # QueueLA: above it, accept and spool instead of relaying
+    tls_cert: Path | None = None      # STARTTLS is offered when set (with tls_key)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # ask clients for a certificate, verified against these CAs
+    require_tls_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    require_tls_for: frozenset[str] = frozenset()   # recipient domains that need TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +597,11 @@ class _VipTable(_Schema):
     max_refused_recipients: Annotated[int, Field(ge=1)] = 20
     refuse_load: Annotated[float, Field(gt=0)] | None = None
     queue_load: Annotated[float, Field(gt=0)] | None = None
+    tls_cert: PathText | None = None
+    tls_key: PathText | None = None
+    tls_client_ca: PathText | None = None
+    require_tls_from: Annotated[tuple[Network, ...], Array()] = ()
+    require_tls_for: Annotated[tuple[Domain, ...], Array()] = ()
 
 
 class _QueueTable(_Schema):
@@ -667,6 +677,8 @@ class _Analysis:
         self._check_listeners()
         self._check_admin()
         self._check_queue()
+        for name, raw in self.vip_tables.items():
+            self._check_tls(("vip", name), raw)
         if self.problems or document is None:
             return None, self.problems
         return self._assemble(document, vips, pools), []
@@ -801,6 +813,34 @@ class _Analysis:
             queue=QueueConfig() if document.queue is None else QueueConfig(**dict(document.queue)),
         )
 
+    def _check_tls(self, loc: Loc, raw: dict[str, Any]) -> None:
+        """The certificate and key load together (so a typo shows now, not at a client's STARTTLS)."""
+        cert, key = _salvage(_PATH, raw.get("tls_cert")), _salvage(_PATH, raw.get("tls_key"))
+        ca = _salvage(_PATH, raw.get("tls_client_ca"))
+        if (cert is None) != (key is None):
+            self._add((*loc, "tls_key" if key is None else "tls_cert"), "tls_cert and tls_key go together")
+            return
+        if cert is None:
+            if ca is not None:
+                self._add((*loc, "tls_client_ca"), "needs tls_cert and tls_key")
+            if raw.get("require_tls_from") or raw.get("require_tls_for"):
+                self._add((*loc, "require_tls_from" if raw.get("require_tls_from") else "require_tls_for"),
+                          "TLS cannot be required without tls_cert and tls_key")
+            return
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self._relative(cert), self._relative(key))
+        except (OSError, ssl.SSLError) as exc:
+            self._add((*loc, "tls_cert"), f"cannot load {self._relative(cert)} with {self._relative(key)}: "
+                                          f"{getattr(exc, 'strerror', None) or exc}")
+        if ca is not None:
+            try:
+                context.load_verify_locations(self._relative(ca))
+            except (OSError, ssl.SSLError) as exc:
+                self._add((*loc, "tls_client_ca"), f"cannot load {self._relative(ca)}: "
+                                                   f"{getattr(exc, 'strerror', None) or exc}")
+
     def _check_queue(self) -> None:
         queue = self.data.get("queue")
         if not isinstance(queue, dict):
@@ -855,6 +895,11 @@ class _Analysis:
             relay_domains=frozenset(table.relay_domains),
             trusted_networks=tuple(ipaddress.ip_network(n, strict=False) for n in table.trusted_networks),
             dnsbl=tuple(DnsblZone(z.zone.lower(), z.weight, z.accept) for z in table.dnsbl),
+            tls_cert=None if table.tls_cert is None else self._relative(table.tls_cert).absolute(),
+            tls_key=None if table.tls_key is None else self._relative(table.tls_key).absolute(),
+            tls_client_ca=None if table.tls_client_ca is None else self._relative(table.tls_client_ca).absolute(),
+            require_tls_from=tuple(ipaddress.ip_network(n, strict=False) for n in table.require_tls_from),
+            require_tls_for=frozenset(d.lower().lstrip(".") for d in table.require_tls_for),
         )
         return VipConfig(name=name, **fields)
 

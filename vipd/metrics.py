@@ -153,6 +153,10 @@ class Metrics:
                                        ["check", "verdict"], registry=r)
         self.dnsbl_duration = Histogram("vipd_dnsbl_lookup_duration_seconds", "DNSBL lookup latency",
                                         ["zone"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tls_sessions = Counter("vipd_tls_sessions", "Sessions switched to TLS by STARTTLS",
+                                    ["listener", "version"], registry=r)
+        self.tls_failures = Counter("vipd_tls_handshake_failures", "STARTTLS handshakes that failed",
+                                    ["listener"], registry=r)
         self.config_reloads = Counter("vipd_config_reloads", "Configuration reloads", ["result"],
                                       registry=r)
         self.spool_deliveries = Counter("vipd_spool_deliveries", "Queued messages delivered", ["pool"],

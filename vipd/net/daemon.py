@@ -16,6 +16,7 @@ import email.utils
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from .pools import PoolRuntime
 from ..spool.runner import QueueRunner
 from ..spool.store import Spool
 from .screen import Prepared, Screen, prepare
+from .tls import server_context
 from .session import Session, limits_for
 
 __all__ = ["Daemon"]
@@ -94,6 +96,7 @@ class Daemon:
         if self.monitor is not None:
             self.monitor.sync(self.pools)
         self.limits = {name: limits_for(vip) for name, vip in config.vips.items()}
+        self._tls = self._tls_contexts(config)
         self._prepared = {}
         if config.nameservers != getattr(self.config, "nameservers", None) or self.dns is None:
             self.dns = _dns_facts(config, self.metrics)
@@ -131,6 +134,22 @@ class Daemon:
 
     def helo_name(self, vip: VipConfig) -> str:
         return vip.hostname
+
+    def _tls_contexts(self, config: Config) -> dict:
+        """A STARTTLS context per VIP; a reload that cannot read a certificate keeps the old one."""
+        out = {}
+        for name, vip in config.vips.items():
+            try:
+                ctx = server_context(vip)
+            except (OSError, ssl.SSLError) as exc:
+                self.log.error("TLS context failed, keeping the previous one " + fmt(vip=name, reason=str(exc)))
+                ctx = getattr(self, "_tls", {}).get(name)
+            if ctx is not None:
+                out[name] = ctx
+        return out
+
+    def tls_context(self, vip: VipConfig):
+        return self._tls.get(vip.name)
 
     def over_queue_load(self, vip: VipConfig) -> bool:
         """sendmail's QueueLA: above ``queue_load`` mail is accepted and queued, not relayed now."""

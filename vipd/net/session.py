@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 import os
 import time
 import traceback
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..config import VipConfig
 from ..log import fmt
 from ..smtp import replies
-from ..smtp.commands import Data, Ehlo, Helo, MailFrom, Quit, RcptTo, Rset
+from ..smtp.commands import Data, Ehlo, Helo, MailFrom, Quit, RcptTo, Rset, StartTls
 from ..smtp.lines import BodyChunk
 from ..smtp.replies import Reply
 from ..smtp.server import (ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
@@ -32,6 +33,7 @@ from ..policy.limits import check_pregreet, check_refused_recipients
 from ..policy.verdict import ACCEPT, Verdict
 from .forward import ClientFacts, Transaction
 from .screen import Screen
+from .tls import TlsInfo, tls_info
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -57,7 +59,8 @@ def limits_for(vip: VipConfig) -> Limits:
                   max_message_bytes=vip.max_message_bytes,
                   max_recipients=vip.max_recipients,
                   reject_nul=vip.reject_nul,
-                  need_helo="needmailhelo" in vip.privacy)
+                  need_helo="needmailhelo" in vip.privacy,
+                  starttls=vip.tls_cert is not None)
 
 
 def new_session_id() -> str:
@@ -95,6 +98,7 @@ class Session(asyncio.Protocol):
         self._greet_timer: asyncio.TimerHandle | None = None
         self.refused_rcpts_total = 0
         self._replies = daemon.reply_counter(vip.name)
+        self.tls: TlsInfo | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,6 +172,9 @@ class Session(asyncio.Protocol):
                     self._reply(result)
                     if conn.closed:
                         self._close()
+                    elif conn.tls and self.tls is None:
+                        self._start_tls()        # the 220 went out: nothing more is read in plaintext
+                        return
                     continue
                 # Pending: the answer needs a backend or DNS. Resume when it is there. Replies so far
                 # wait too (RFC 2920 asks for a flush only before waiting for the client), so a
@@ -235,6 +242,8 @@ class Session(asyncio.Protocol):
             return self._data()
         if kind is Ehlo or kind is Helo:
             return self._helo(event)
+        if kind is StartTls:
+            return replies.READY_FOR_TLS if self.daemon.tls_context(self.vip) else replies.TLS_NOT_AVAILABLE
         if kind is ProtocolViolation:
             self.daemon.metrics.protocol_errors.labels(event.kind).inc()
             self.log.info(f"{self.sid}: protocol error " + fmt(client=self._client(),
@@ -267,7 +276,27 @@ class Session(asyncio.Protocol):
             return replies.helo_reply(self.vip.hostname)
         return replies.ehlo_reply(self.vip.hostname, self.conn.ehlo_keywords())
 
+    def _tls_required(self, domain: str | None = None) -> bool:
+        """The VIP's require_tls_from (this client) or require_tls_for (this recipient domain)."""
+        if self.tls is not None or self.daemon.tls_context(self.vip) is None:
+            return False
+        if domain is not None:
+            wanted = self.vip.require_tls_for
+            return bool(wanted) and any(domain == d or domain.endswith("." + d) for d in wanted)
+        if not self.vip.require_tls_from:
+            return False
+        import ipaddress
+        try:
+            ip = ipaddress.ip_address(self.ip)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.vip.require_tls_from)
+
     def _mail(self, event: MailFrom) -> Reply | Pending:
+        if self._tls_required():
+            self.log.info(f"{self.sid}: reject MAIL " + fmt(client=self._client(), check="require_tls",
+                                                             reply=str(replies.TLS_REQUIRED)))
+            return replies.TLS_REQUIRED
         self._end_transaction("abandoned")
         verdict = self.screen.mail(event.address) if self.screen is not None else ACCEPT
         if isinstance(verdict, Verdict):
@@ -286,6 +315,8 @@ class Session(asyncio.Protocol):
         return replies.SENDER_OK
 
     def _rcpt(self, event: RcptTo) -> Reply | Pending:
+        if self._tls_required(event.address.domain):
+            return self._refused_rcpt(event, replies.TLS_REQUIRED)
         verdict = self.screen.rcpt(event.address) if self.screen is not None else ACCEPT
         if isinstance(verdict, Verdict):
             return self._rcpt_verdict(event, verdict)
@@ -417,12 +448,61 @@ class Session(asyncio.Protocol):
             dsn=reply.status if reply else None, reply=str(reply) if reply else None))
 
     def _received_header(self, txn: Transaction) -> bytes:
-        proto = "ESMTP" if self.conn.esmtp else "SMTP"
+        # RFC 3848: ESMTPS for ESMTP over TLS; the TLS clause in Postfix's wording.
+        proto = ("ESMTP" if self.conn.esmtp else "SMTP") + ("S" if self.tls is not None else "")
         rcpts = [r for p in txn.parts.values() for r in p.rcpts]
         for_clause = f"\r\n\tfor {rcpts[0]}" if len(rcpts) == 1 else ""
-        return (f"Received: from {self.conn.helo or 'unknown'} ([{self.ip}])\r\n"
+        tls = f"\r\n\t{self.tls.received_clause()}" if self.tls is not None else ""
+        return (f"Received: from {self.conn.helo or 'unknown'} ([{self.ip}]){tls}\r\n"
                 f"\tby {self.vip.hostname} (vipd) with {proto} id {txn.qid}{for_clause};\r\n"
                 f"\t{self.daemon.date_header()}\r\n").encode("ascii", "replace")
+
+    # --- STARTTLS ------------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        """The client got 220 to STARTTLS: hand the connection to TLS before reading another byte."""
+        self._flush()
+        transport = self.transport
+        ctx = self.daemon.tls_context(self.vip)
+        if transport is None or ctx is None or transport.is_closing():
+            self._close()
+            return
+        if self.conn.discarded_after_starttls:
+            self.log.warning(f"{self.sid}: discarded plaintext pipelined after STARTTLS " + fmt(
+                client=self._client(), bytes=self.conn.discarded_after_starttls))
+        self._busy = True
+        transport.pause_reading()
+        task = asyncio.ensure_future(self._handshake(transport, ctx))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _handshake(self, transport: asyncio.Transport, ctx) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls_transport = await loop.start_tls(transport, self, ctx, server_side=True,
+                                                 ssl_handshake_timeout=self.vip.command_timeout_seconds)
+        except (OSError, ConnectionError, TimeoutError, ssl.SSLError, RuntimeError) as exc:
+            self.daemon.metrics.tls_failures.labels(self.vip.name).inc()
+            self.log.info(f"{self.sid}: TLS handshake failed " + fmt(client=self._client(),
+                                                                    reason=f"{type(exc).__name__}: {exc}"))
+            self.term = self.term or "TF"
+            self._busy = False
+            if not transport.is_closing():
+                transport.abort()
+            self._close()
+            self._finish_session()
+            return
+        if tls_transport is None:            # the connection went away during the handshake
+            self._busy = False
+            self._finish_session()
+            return
+        self.transport = tls_transport  # type: ignore[assignment]
+        self.tls = tls_info(tls_transport.get_extra_info("ssl_object"))
+        self.daemon.metrics.tls_sessions.labels(self.vip.name, self.tls.version if self.tls else "?").inc()
+        self.log.info(f"{self.sid}: TLS " + fmt(client=self._client(), version=self.tls and self.tls.version,
+                                                cipher=self.tls and self.tls.cipher,
+                                                client_cert=self.tls and self.tls.peer_subject))
+        self._busy = False
+        self.last_activity = time.monotonic()
+        self._pump()
 
     # --- output and end ----------------------------------------------------------------------
     def _reply(self, reply: Reply) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "Expn",
     "Unknown",
     "Xclient",
+    "StartTls",
     "parse_command",
     "parse_path",
 ]
@@ -130,13 +131,18 @@ class Xclient(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls(Command):
+    """RFC 3207: the client asks to turn the session into TLS."""
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown(Command):
     verb: str
     known: bool = field(default=False)   # a real SMTP verb we do not offer (STARTTLS, AUTH, BDAT...)
 
 
 # Verbs that exist in SMTP extensions we do not offer yet: answered 502, not 500.
-_UNOFFERED = frozenset({"STARTTLS", "AUTH", "BDAT", "ETRN", "TURN", "ATRN", "XFORWARD",
+_UNOFFERED = frozenset({"AUTH", "BDAT", "ETRN", "TURN", "ATRN", "XFORWARD",
                         "SEND", "SOML", "SAML", "VERB"})
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -307,4 +313,4 @@ def _parse_xclient(rest: str) -> Command | Reply:
     return Xclient(tuple(attrs))
 
 
-_SIMPLE: dict[str, type[Command]] = {"DATA": Data, "RSET": Rset, "QUIT": Quit}
+_SIMPLE: dict[str, type[Command]] = {"DATA": Data, "RSET": Rset, "QUIT": Quit, "STARTTLS": StartTls}

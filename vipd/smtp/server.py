@@ -24,7 +24,7 @@ import enum
 from dataclasses import dataclass
 
 from . import replies
-from .commands import (Command, Data, Ehlo, Expn, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset,
+from .commands import (Command, Data, Ehlo, Expn, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset, StartTls,
                        Unknown, Vrfy, Xclient, parse_command)
 from .lines import BodyChunk, DataReader, LineReader
 from .replies import Reply
@@ -83,6 +83,7 @@ class Limits:
     need_helo: bool = True                # sendmail's needmailhelo
     max_errors: int = 20                  # Postfix smtpd_hard_error_limit
     xclient: bool = False                 # offer XCLIENT (only ever to trusted peers)
+    starttls: bool = False                # offer STARTTLS (RFC 3207)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,8 @@ _KIND: dict[Reply, str] = {
 class ServerConnection:
     """One client session's protocol state. Not thread-safe; feed it from one place."""
 
-    __slots__ = ("limits", "state", "helo", "esmtp", "rcpt_count", "rcpt_attempts", "errors",
+    __slots__ = ("limits", "state", "helo", "esmtp", "rcpt_count", "rcpt_attempts", "errors", "tls",
+                 "discarded_after_starttls",
                  "_buf", "_eof", "_pending", "_lines", "_data", "_closed_event_sent", "_data_done")
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -147,6 +149,8 @@ class ServerConnection:
         self.rcpt_count = 0
         self.rcpt_attempts = 0
         self.errors = 0
+        self.tls = False                  # the session is (being switched to) TLS
+        self.discarded_after_starttls = 0
         self._buf = bytearray()
         self._eof = False
         self._pending: object | None = Greeting()
@@ -233,6 +237,13 @@ class ServerConnection:
         allowed = _ALLOWED.get(kind)
         if allowed is not None and self.state not in allowed:
             return self._violation(self._sequence_reply(cmd), kind="sequence")
+        if kind is StartTls:
+            if not self.limits.starttls:
+                return self._violation(replies.NOT_IMPLEMENTED)
+            if self.tls:
+                return self._violation(replies.TLS_ALREADY_ACTIVE, kind="sequence")
+            if self.state is not State.READY:
+                return self._violation(replies.BAD_SEQUENCE, kind="sequence")
         if kind is MailFrom and self.helo is None and self.limits.need_helo:
             return self._violation(replies.NEED_HELO, kind="sequence")
         if kind is RcptTo:
@@ -303,6 +314,18 @@ class ServerConnection:
                 self._data = DataReader(lim.max_message_bytes, lim.max_text_line_bytes, lim.reject_nul)
         elif isinstance(event, (MessageComplete, Rset)):
             self._reset_transaction()
+        elif isinstance(event, StartTls):
+            if reply.code == 220:
+                # RFC 3207 section 4.2: forget everything learned in plaintext. Whatever the client
+                # pipelined after STARTTLS came in plaintext too: it is dropped, never executed
+                # (CVE-2011-0411); the adapter reads nothing more until the handshake is done.
+                self.discarded_after_starttls = len(self._buf)
+                self._buf.clear()
+                self._lines = LineReader(self.limits.max_command_line_bytes)
+                self.tls = True
+                self.helo = None
+                self.esmtp = False
+                self._reset_transaction()
         elif isinstance(event, Xclient):
             if reply.code == 220:
                 # XCLIENT_README: the session restarts as if the named client had just connected.
@@ -322,6 +345,8 @@ class ServerConnection:
 
     def ehlo_keywords(self) -> list[str]:
         words = ["PIPELINING", f"SIZE {self.limits.max_message_bytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.limits.starttls and not self.tls:
+            words.append("STARTTLS")
         if self.limits.xclient:
             words.append("XCLIENT NAME ADDR PORT PROTO HELO")
         return words

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from vipd.smtp import replies
 from vipd.smtp.client import ReplyReader
-from vipd.smtp.commands import Data, Ehlo, Helo, MailFrom, RcptTo, Xclient
+from vipd.smtp.commands import Data, Ehlo, Helo, MailFrom, RcptTo, StartTls, Xclient
 from vipd.smtp.lines import BodyChunk
 from vipd.smtp.replies import Reply
 from vipd.smtp.server import (ConnectionClosed, Greeting, Limits, MessageComplete, ServerConnection,
@@ -41,6 +41,8 @@ def accept_all(conn: ServerConnection, event: object) -> Reply | None:
         return event.error or replies.OK
     if isinstance(event, Xclient):
         return replies.greeting(BANNER)
+    if isinstance(event, StartTls):
+        return replies.READY_FOR_TLS
     reply = standard_reply(event)
     assert reply is not None, f"no standard reply for {event!r}"
     return reply

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from vipd.smtp import replies
 from vipd.smtp.commands import (NULL_PATH, Address, Command, Data, Ehlo, Expn, Helo, Help, MailFrom,
-                                Noop, Quit, RcptTo, Rset, Unknown, Vrfy, Xclient, parse_command,
+                                Noop, Quit, RcptTo, Rset, StartTls, Unknown, Vrfy, Xclient, parse_command,
                                 parse_path)
 from vipd.smtp.replies import Reply
 
@@ -286,10 +286,15 @@ def test_vrfy_expn_need_an_argument(line):
     assert parse(line) == replies.SYNTAX
 
 
-@pytest.mark.parametrize("verb", ["STARTTLS", "AUTH PLAIN AGFiYwBkZWY=", "BDAT 10 LAST", "ETRN x", "TURN"])
+@pytest.mark.parametrize("verb", ["AUTH PLAIN AGFiYwBkZWY=", "BDAT 10 LAST", "ETRN x", "TURN"])
 def test_known_unoffered_verbs(verb):
     cmd = parse(verb)
     assert isinstance(cmd, Unknown) and cmd.known
+
+
+def test_starttls_takes_no_parameters():
+    assert isinstance(parse("STARTTLS"), StartTls) and isinstance(parse("starttls"), StartTls)
+    assert parse("STARTTLS now") == replies.NO_ARGUMENTS
 
 
 @pytest.mark.parametrize("line", ["", "FOO", "GET / HTTP/1.1", "MAILFROM:<a@b>", "X" * 100])

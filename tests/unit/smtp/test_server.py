@@ -654,3 +654,56 @@ def test_standard_reply():
     for event in (Helo("x"), Ehlo("x"), MailFrom(Address("a", "b", "a@b")), RcptTo(Address("a", "b", "a@b")),
                   Data(), MessageComplete(0, None), Greeting(), Unknown("X")):
         assert standard_reply(event) is None
+
+
+# --- STARTTLS (RFC 3207) ------------------------------------------------------------------------
+def tls_driver() -> Driver:
+    return Driver(Limits(starttls=True))
+
+
+def test_starttls_is_offered_until_tls_is_on():
+    d = tls_driver()
+    d.feed(b"EHLO client.example\r\n")
+    assert "STARTTLS" in d.replies[-1].text
+    assert "STARTTLS" not in Driver().feed(b"EHLO c.example\r\n")[-1][1].text  # type: ignore[union-attr]
+    d.feed(b"STARTTLS\r\n")
+    assert d.replies[-1] == replies.READY_FOR_TLS
+    assert d.conn.tls and d.conn.helo is None and d.conn.state is State.READY
+    d.feed(b"EHLO client.example\r\n")
+    assert "STARTTLS" not in d.replies[-1].text
+    d.feed(b"STARTTLS\r\n")
+    assert d.replies[-1] == replies.TLS_ALREADY_ACTIVE
+
+
+def test_plaintext_pipelined_after_starttls_is_dropped_never_executed():
+    # CVE-2011-0411: commands sent with STARTTLS in one write must not run inside the TLS session.
+    d = tls_driver()
+    d.feed(b"EHLO client.example\r\n")
+    got = d.feed(b"STARTTLS\r\nNOOP\r\nMAIL FROM:<evil@example.org>\r\n")
+    assert [type(e).__name__ for e, _ in got] == ["StartTls"]
+    assert d.conn.discarded_after_starttls == len(b"NOOP\r\nMAIL FROM:<evil@example.org>\r\n")
+    assert d.conn.buffered == 0
+    # What arrives after the handshake is a fresh session: EHLO first again.
+    d.feed(b"MAIL FROM:<a@example.org>\r\n")
+    assert d.replies[-1] == replies.NEED_HELO
+
+
+def test_starttls_not_offered_or_mid_transaction():
+    assert Driver().feed(b"STARTTLS\r\n")[-1][1] == replies.NOT_IMPLEMENTED
+    d = tls_driver()
+    d.feed(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\n")
+    assert d.feed(b"STARTTLS\r\n")[-1][1] == replies.BAD_SEQUENCE
+    assert not d.conn.tls
+
+
+def test_a_refused_starttls_changes_nothing():
+    def refuse(conn, event):
+        from vipd.smtp.commands import StartTls
+        if isinstance(event, StartTls):
+            return replies.TLS_NOT_AVAILABLE
+        from ._harness import accept_all
+        return accept_all(conn, event)
+    d = Driver(Limits(starttls=True), policy=refuse)
+    d.feed(b"EHLO c.example\r\nSTARTTLS\r\nNOOP\r\n")
+    assert [r.code for r in d.replies[-2:]] == [454, 250]
+    assert not d.conn.tls and d.conn.helo == "c.example"

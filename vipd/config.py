@@ -204,6 +204,7 @@ class VipConfig:
     tls_client_ca: Path | None = None  # ask clients for a certificate, verified against these CAs
     require_tls_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     require_tls_for: frozenset[str] = frozenset()   # recipient domains that need TLS
+    accept_proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()   # PROXY v1/v2 required
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,6 +603,7 @@ class _VipTable(_Schema):
     tls_client_ca: PathText | None = None
     require_tls_from: Annotated[tuple[Network, ...], Array()] = ()
     require_tls_for: Annotated[tuple[Domain, ...], Array()] = ()
+    accept_proxy_from: Annotated[tuple[Network, ...], Array()] = ()
 
 
 class _QueueTable(_Schema):
@@ -900,6 +902,7 @@ class _Analysis:
             tls_client_ca=None if table.tls_client_ca is None else self._relative(table.tls_client_ca).absolute(),
             require_tls_from=tuple(ipaddress.ip_network(n, strict=False) for n in table.require_tls_from),
             require_tls_for=frozenset(d.lower().lstrip(".") for d in table.require_tls_for),
+            accept_proxy_from=tuple(ipaddress.ip_network(n, strict=False) for n in table.accept_proxy_from),
         )
         return VipConfig(name=name, **fields)
 

@@ -67,3 +67,37 @@ def test_too_many_errors_closes_with_421(relay):
     lines = out.split(b"\r\n")[:-1]
     assert lines[-1].startswith(b"421 4.7.0")
     assert len(lines) == 1 + 20                  # the greeting, 19 refusals and the 421
+
+
+def test_10_mb_of_random_bytes_get_500_class_replies_and_a_close(relay):
+    vipd, sink = relay
+    before = len(sink.messages())
+    junk = __import__("random").Random(7).randbytes(10 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", vipd.port()), timeout=10) as sock:
+        greeting = sock.recv(4096)
+        sent, out = 0, b""
+        try:
+            # Write until the daemon closes on us; read what it says as we go.
+            sock.settimeout(0.5)
+            while sent < len(junk):
+                sent += sock.send(junk[sent:sent + 65536])
+                try:
+                    out += sock.recv(65536)
+                except TimeoutError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    assert greeting.startswith(b"220 ")
+    _assert_only_replies(out)
+    codes = [line[:3] for line in out.split(b"\r\n")[:-1]]
+    assert codes and all(c[:1] == b"5" for c in codes[:-1]) and codes[-1] in (b"421", b"500", b"554")
+    assert sent < len(junk)                              # it stopped listening long before the end
+    with vipd.smtp() as smtp:                            # and everyone else is still served
+        smtp.sendmail("a@example.org", ["b@example.com"], "Subject: after junk\r\n\r\nok\r\n")
+    assert len(wait_for(lambda: len(sink.messages()) > before and sink.messages())) == before + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import ssl
 import os
 import time
@@ -34,6 +35,7 @@ from ..policy.verdict import ACCEPT, Verdict
 from .forward import ClientFacts, Transaction
 from .screen import Screen
 from .tls import TlsInfo, tls_info
+from ..proxy import ProxyError, parse_proxy
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -41,6 +43,17 @@ if TYPE_CHECKING:
 __all__ = ["Session", "limits_for", "new_session_id"]
 
 MAX_BUFFERED = 256 * 1024
+PROXY_TIMEOUT_SECONDS = 10.0
+
+
+def _in_networks(ip: str, networks) -> bool:
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
 
 class Pending:
@@ -99,6 +112,9 @@ class Session(asyncio.Protocol):
         self.refused_rcpts_total = 0
         self._replies = daemon.reply_counter(vip.name)
         self.tls: TlsInfo | None = None
+        self._proxy_buf: bytearray | None = None      # collecting a PROXY header from a trusted balancer
+        self._proxy_timer: asyncio.TimerHandle | None = None
+        self.proxied_by: str | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,6 +122,14 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.ip, self.port = str(peer[0]), int(peer[1])
+        if _in_networks(self.ip, self.vip.accept_proxy_from):
+            # A trusted L4 balancer: a PROXY header first, and only then is there a client to judge.
+            self._proxy_buf = bytearray()
+            self._proxy_timer = asyncio.get_running_loop().call_later(PROXY_TIMEOUT_SECONDS, self._proxy_timeout)
+            return
+        self._begin()
+
+    def _begin(self) -> None:
         refusal = self.daemon.admit(self)
         if refusal is not None:
             self._reply(refusal)
@@ -138,6 +162,10 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self._proxy_buf is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         self.conn.receive_data(data)
         if not self._busy and self._greet_timer is None:
             self._pump()
@@ -155,6 +183,46 @@ class Session(asyncio.Protocol):
             return          # the pending step finishes first, then _resume ends the session
         self._pump()
         self._finish_session()
+
+    # --- PROXY protocol from a trusted balancer -------------------------------------------------
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Collect the PROXY header; the bytes after it (what the client sent), or b"" for now."""
+        assert self._proxy_buf is not None
+        self._proxy_buf += data
+        try:
+            parsed = parse_proxy(self._proxy_buf)
+        except ProxyError as exc:
+            self._proxy_refused(str(exc))
+            return b""
+        if parsed is None:
+            return b""
+        info, used = parsed
+        rest = bytes(self._proxy_buf[used:])
+        self._proxy_buf = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
+        self.proxied_by = f"[{self.ip}]:{self.port}"
+        if info.command == "proxy" and info.source is not None:
+            self.ip, self.port = info.source
+        self._begin()
+        return b"" if self._closed else rest
+
+    def _proxy_refused(self, reason: str) -> None:
+        self._proxy_buf = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
+        self.daemon.metrics.protocol_errors.labels("proxy_header").inc()
+        self.log.info(f"{self.sid}: PROXY header refused " + fmt(balancer=f"[{self.ip}]:{self.port}", reason=reason))
+        if self.transport is not None:
+            self.transport.abort()        # no SMTP reply: the balancer did not speak SMTP
+        self._closed = True
+
+    def _proxy_timeout(self) -> None:
+        self._proxy_timer = None
+        if self._proxy_buf is not None:
+            self._proxy_refused(f"no PROXY header within {PROXY_TIMEOUT_SECONDS:g}s")
 
     # --- the event loop of one session --------------------------------------------------------
     def _pump(self) -> None:
@@ -283,14 +351,7 @@ class Session(asyncio.Protocol):
         if domain is not None:
             wanted = self.vip.require_tls_for
             return bool(wanted) and any(domain == d or domain.endswith("." + d) for d in wanted)
-        if not self.vip.require_tls_from:
-            return False
-        import ipaddress
-        try:
-            ip = ipaddress.ip_address(self.ip)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.vip.require_tls_from)
+        return _in_networks(self.ip, self.vip.require_tls_from)
 
     def _mail(self, event: MailFrom) -> Reply | Pending:
         if self._tls_required():
@@ -545,6 +606,9 @@ class Session(asyncio.Protocol):
         if self._greet_timer is not None:
             self._greet_timer.cancel()
             self._greet_timer = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
         if self.screen is not None:
             self.screen.close()
         if self.daemon.release(self) is False:
@@ -555,7 +619,8 @@ class Session(asyncio.Protocol):
         self.daemon.metrics.session_duration.observe(duration)
         m = self.msgs
         self.log.info(f"{self.sid}: session " + fmt(
-            client=self._client(), helo=f"<{self.conn.helo or ''}>", txns=self.txn_count,
+            client=self._client(), via=self.proxied_by, tls=self.tls.version if self.tls else None,
+            helo=f"<{self.conn.helo or ''}>", txns=self.txn_count,
             rcpts=f"{self.rcpts_ok}/{self.rcpts_refused}",
             msgs=f"{m['relayed'] + m['queued']}/{m['rejected']}/{m['deferred']}", bytes=self.bytes,
             term=self.term or "--", duration_seconds=f"{duration:.3f}"))

@@ -1,0 +1,142 @@
+"""PROXY protocol in: vipd behind a real HAProxy (Debian's) that sends PROXY v2 headers.
+
+The backend learns the original client (by XCLIENT), relay control judges the original client, and a
+PROXY header from a source that is not a trusted balancer is never believed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+
+import pytest
+
+from support import Lab, Proc, proc_check, wait_for
+
+TRUSTED_CLIENT, OTHER_CLIENT = "127.0.0.5", "127.0.0.6"
+
+
+def find_haproxy() -> str:
+    found = shutil.which("haproxy", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("haproxy is not installed; CI is set: this test must run")
+    pytest.skip("haproxy is not installed (Debian package haproxy)")
+
+
+def haproxy_before(lab: Lab, binary: str, vip_port: int, version: str = "send-proxy-v2") -> int:
+    """HAProxy in TCP mode on a free port, passing connections to vipd with a PROXY header."""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        config = lab.tmp / "haproxy.cfg"
+        config.write_text(f"""\
+global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend smtp
+    bind fd@{listener.fileno()}
+    default_backend vipd
+backend vipd
+    server vipd 127.0.0.1:{vip_port} {version}
+""")
+        log = lab.tmp / "haproxy.log"
+        with open(log, "wb") as fh:
+            popen = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, pass_fds=[listener.fileno()], cwd=lab.tmp)
+    finally:
+        listener.close()
+    proc = Proc("haproxy", popen, log)
+    lab.procs.append(proc)
+    proc_check(proc)
+    return port
+
+
+def smtp_from(source: str, port: int) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30, source_address=(source, 0))
+
+
+def config(sink_address: str) -> str:
+    return f"""
+[vip.mx]
+listen = ["127.0.0.1:0"]
+hostname = "mx.vipd.test"
+default_pool = "incoming"
+accept_proxy_from = ["127.0.0.1/32"]        # the balancer
+relay_domains = ["example.com"]
+trusted_networks = ["{TRUSTED_CLIENT}/32"]  # may relay anywhere; judged on the address in the header
+
+[pool.incoming]
+servers = ["{sink_address}"]
+"""
+
+
+@pytest.mark.parametrize("version", ["send-proxy-v2", "send-proxy"])
+def test_behind_haproxy_the_original_client_is_seen_and_judged(lab: Lab, version: str) -> None:
+    binary = find_haproxy()
+    sink = lab.sink("a", "--xclient-from", "127.0.0.1/32")
+    vipd = lab.vipd(config(sink.address))
+    port = haproxy_before(lab, binary, vipd.port(), version)
+    wait_for(lambda: _listening(port), what="haproxy to listen")
+
+    with smtp_from(TRUSTED_CLIENT, port) as s:
+        s.sendmail("a@example.org", ["someone@elsewhere.example"], b"Subject: relayed\r\n\r\nok\r\n")
+    stored = wait_for(lambda: sink.messages(), what="the message")[0]
+    assert stored.envelope["client_ip"] == TRUSTED_CLIENT          # XCLIENT named the real client
+    assert f"[{TRUSTED_CLIENT}]" in stored.body.split(b"\r\n\r\n", 1)[0].decode()   # and Received: too
+
+    with smtp_from(OTHER_CLIENT, port) as s:
+        s.ehlo()
+        s.mail("a@example.org")
+        code, text = s.rcpt("someone@elsewhere.example")
+        assert code == 550 and text.startswith(b"5.7.1"), (code, text)   # not trusted: no relaying
+        assert s.rcpt("user@example.com")[0] == 250                     # a relay domain is fine
+    wait_for(lambda: f"client=[{OTHER_CLIENT}]" in vipd.log() and "via=[127.0.0.1]" in vipd.log(),
+             what="the log to name the client and the balancer")
+
+
+def test_a_proxy_header_from_anyone_else_is_never_believed(lab: Lab) -> None:
+    sink = lab.sink("a")
+    text = config(sink.address).replace('accept_proxy_from = ["127.0.0.1/32"]', 'accept_proxy_from = ["127.0.0.9/32"]')
+    vipd = lab.vipd(text)
+    with socket.create_connection(("127.0.0.1", vipd.port()), timeout=10, source_address=(OTHER_CLIENT, 0)) as sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        sock.sendall(f"PROXY TCP4 {TRUSTED_CLIENT} 127.0.0.1 40000 25\r\n".encode())
+        assert f.readline()[:3] in (b"500", b"502")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<someone@elsewhere.example>\r\n")
+        assert f.readline().startswith(b"250")
+        assert f.readline().startswith(b"550 5.7.1")            # judged as 127.0.0.6, not the header's claim
+
+
+def test_a_trusted_balancer_that_sends_no_valid_header_is_cut_off(lab: Lab) -> None:
+    sink = lab.sink("a")
+    vipd = lab.vipd(config(sink.address))
+    with socket.create_connection(("127.0.0.1", vipd.port()), timeout=10) as sock:
+        sock.sendall(b"EHLO not-a-proxy-header\r\n")
+        sock.settimeout(5)
+        assert sock.recv(4096) == b""                              # closed, no SMTP said
+    wait_for(lambda: "PROXY header refused" in vipd.log(), what="the log line")
+    with smtp_from(OTHER_CLIENT, vipd.port()) as s:                # others are unaffected
+        assert s.ehlo()[0] == 250
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

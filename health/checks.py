@@ -55,12 +55,13 @@ class CheckFailed(Exception):
 # --- SMTP -----------------------------------------------------------------------------------------
 
 async def smtp_check(host: str, port: int, *, helo: str = "health.vipd.test", timeout: float = 5.0,
-                     require: str | None = None) -> CheckResult:
-    """One ``option smtpchk``-style check; ``timeout`` bounds the whole dialogue."""
+                     require: str | None = None, preamble: bytes = b"") -> CheckResult:
+    """One ``option smtpchk``-style check; ``timeout`` bounds the whole dialogue. ``preamble``: what
+    the server expects before anything else on a connection (a PROXY header), as transactions send."""
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
-            detail = await _smtp_dialogue(host, port, helo, require)
+            detail = await _smtp_dialogue(host, port, helo, require, preamble)
     except CheckFailed as exc:
         return CheckResult(False, str(exc), time.monotonic() - started)
     except TimeoutError:
@@ -70,9 +71,11 @@ async def smtp_check(host: str, port: int, *, helo: str = "health.vipd.test", ti
     return CheckResult(True, detail, time.monotonic() - started)
 
 
-async def _smtp_dialogue(host: str, port: int, helo: str, require: str | None) -> str:
+async def _smtp_dialogue(host: str, port: int, helo: str, require: str | None, preamble: bytes) -> str:
     reader, writer = await asyncio.open_connection(host, port)
     try:
+        if preamble:
+            writer.write(preamble)
         code, lines = await read_reply(reader)
         if not _is_2xx(code):
             raise CheckFailed(f"greeting {_summary(lines)}")

@@ -73,7 +73,7 @@ V = TypeVar("V")
 T = TypeVar("T")
 
 Balance = Literal["roundrobin", "leastconn", "source"]
-Identity = Literal["xclient", "none"]
+Identity = Literal["xclient", "xforward", "proxy-v1", "proxy-v2", "none"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Privacy = Literal["needmailhelo", "noexpn", "novrfy", "goaway"]
 

@@ -140,3 +140,35 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("identity", ["proxy-v2", "proxy-v1"])
+def test_vipd_tells_a_vipd_behind_it_who_the_client_is_with_proxy_headers(lab: Lab, identity: str) -> None:
+    # Two layers, as in the email DMZ: the inner VIP trusts the outer one's PROXY headers and passes
+    # the client on to its own backend with XCLIENT. Health checks send the header too.
+    sink = lab.sink("a", "--xclient-from", "127.0.0.1/32")
+    inner = lab.vipd(config(sink.address), name="inner")
+    outer = lab.vipd(f"""
+[vip.mx]
+listen = ["127.0.0.1:0"]
+hostname = "edge.vipd.test"
+default_pool = "inner"
+trusted_networks = ["{TRUSTED_CLIENT}/32"]
+
+[pool.inner]
+servers = [{{ address = "127.0.0.1:{inner.port()}", name = "inner" }}]
+identity = "{identity}"
+health = {{ interval_seconds = 0.3 }}
+
+[admin]
+listen = "127.0.0.1:0"
+""", name="outer")
+    for n in range(2):                      # two transactions: no connection is shared between clients
+        with smtp_from(TRUSTED_CLIENT, outer.port()) as s:
+            s.sendmail("a@example.org", ["someone@elsewhere.example"], f"Subject: {n}\r\n\r\nok\r\n".encode())
+    stored = wait_for(lambda: len(sink.messages()) == 2 and sink.messages(), what="both messages")
+    assert {m.envelope["client_ip"] for m in stored} == {TRUSTED_CLIENT}
+    from support import Admin
+    admin = Admin(outer.admin_port)  # type: ignore[arg-type]
+    wait_for(lambda: (admin.server("inner", "inner")["check"] or {}).get("ok") is True, what="a passing check")
+    assert "PROXY header refused" not in inner.log()

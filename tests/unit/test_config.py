@@ -192,11 +192,12 @@ def test_text_line_limit_zero_means_unlimited(tmp_path: Path) -> None:
 
 
 def test_pool_choices_are_checked(tmp_path: Path) -> None:
-    text = MINIMAL + 'balance = "random"\nidentity = "proxy-v2"\n'
+    text = MINIMAL + 'balance = "random"\nidentity = "proxy-v3"\n'
     path = tmp_path / "vipd.toml"
     assert errors_of(tmp_path, text) == [
         f'{path}: pool.incoming.balance: expected "roundrobin", "leastconn" or "source", got "random"',
-        f'{path}: pool.incoming.identity: expected "xclient" or "none", got "proxy-v2"',
+        f'{path}: pool.incoming.identity: expected "xclient", "xforward", "proxy-v1", "proxy-v2" or "none", '
+        'got "proxy-v3"',
     ]
 
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from ..errors import BackendError
 from ..smtp import replies
-from ..smtp.client import mail_command, rcpt_command, xclient_command
+from ..smtp.client import mail_command, rcpt_command, xclient_command, xforward_command
 from ..smtp.commands import Address, MailFrom
 from ..smtp.replies import Reply
 from .body import Body
@@ -43,6 +43,7 @@ class ClientFacts:
     port: int
     helo: str
     esmtp: bool
+    local: tuple[str, int] | None = None     # the VIP address the client reached (for PROXY headers)
 
 
 class Spooler(Protocol):
@@ -168,7 +169,8 @@ class Transaction:
         wanted = [*part.rcpts] + ([rcpt] if rcpt is not None else [])
         while True:
             if lease is None:
-                lease = await part.pool.lease(self.client.ip, self.helo_name, part.tried, backend)
+                lease = await part.pool.lease(self.client.ip, self.helo_name, part.tried, backend,
+                                              self._preamble(part.pool))
             backend = None
             if lease is None:
                 if self.spooler is not None:
@@ -229,6 +231,13 @@ class Transaction:
         conn = lease.conn
         if lease.pool_identity == "xclient" and "XCLIENT" in conn.extensions:
             await self._xclient(lease, pool.helo(self.helo_name))
+        elif lease.pool_identity == "xforward" and "XFORWARD" in conn.extensions:
+            attrs = self._identity_attrs(lease, "XFORWARD")
+            if attrs:
+                # XFORWARD describes the next transaction only: so it goes before every MAIL.
+                reply = await conn.command(xforward_command(attrs))
+                if reply.code != 250:
+                    conn.extensions.pop("XFORWARD", None)
         lines = [self._mail_line(lease), *(rcpt_command(r) for r in rcpts)]
         return await conn.send_group(lines)
 
@@ -238,17 +247,38 @@ class Transaction:
                             body=self.mail.body if "8BITMIME" in ext else None)
 
     def _xclient_attrs(self, lease: Lease) -> dict[str, str]:
-        offered = set(lease.conn.extensions.get("XCLIENT", "").upper().split())
-        # No PORT: with it every client session would differ and a pooled connection could never
-        # skip XCLIENT for a client it already names.
+        return self._identity_attrs(lease, "XCLIENT")
+
+    def _identity_attrs(self, lease: Lease, keyword: str) -> dict[str, str]:
+        offered = set(lease.conn.extensions.get(keyword, "").upper().split())
+        # No PORT for XCLIENT: with it every client session would differ and a pooled connection
+        # could never skip XCLIENT for a client it already names.
         attrs = {"ADDR": self.client.ip, "NAME": "[UNAVAILABLE]", "HELO": self.client.helo,
-                 "PROTO": "ESMTP" if self.client.esmtp else "SMTP"}
-        return {k: v for k, v in attrs.items() if k in offered}
+                 "PROTO": "ESMTP" if self.client.esmtp else "SMTP", "SOURCE": "REMOTE"}
+        return {k: v for k, v in attrs.items() if k in offered and v}
 
     def _needs_xclient(self, lease: Lease) -> bool:
+        """Whether the envelope must wait for an identity command first (the slow path)."""
+        if lease.pool_identity == "xforward":
+            return "XFORWARD" in lease.conn.extensions
         if lease.pool_identity != "xclient" or "XCLIENT" not in lease.conn.extensions:
             return False
         return lease.conn.xclient != self._xclient_attrs(lease)
+
+    def _preamble(self, pool: PoolRuntime) -> bytes:
+        """The PROXY header for a new connection of a pool that wants one."""
+        identity = pool.cfg.identity
+        if identity not in ("proxy-v1", "proxy-v2"):
+            return b""
+        from ..proxy import build_v1, build_v2
+        source, dest = (self.client.ip, self.client.port), self.client.local
+        try:
+            if dest is None or (":" in source[0]) != (":" in dest[0]):
+                raise ValueError("no destination of the same family")
+            return build_v2(source, dest) if identity == "proxy-v2" else build_v1(source, dest)
+        except ValueError:
+            # A client we cannot describe (no address of the same family): the balancer speaks for itself.
+            return build_v2(None, None) if identity == "proxy-v2" else b"PROXY UNKNOWN\r\n"
 
     async def _xclient(self, lease: Lease, helo_name: str) -> None:
         """Tell the backend who the client is (unless this connection already names that client);

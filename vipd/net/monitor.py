@@ -56,7 +56,7 @@ class Monitor:
         while True:
             started = loop.time()
             result = await smtp_check(ep.host, ep.port, helo=helo, timeout=health.timeout_seconds,
-                                      require=health.require)
+                                      require=health.require, preamble=_preamble(pool.cfg.identity))
             pool.observe_check(server, result)
             await asyncio.sleep(max(0.0, started + health.interval_seconds - loop.time()))
 
@@ -77,3 +77,14 @@ class Monitor:
         for task, _ in self._tasks.values():
             task.cancel()
         self._tasks.clear()
+
+
+def _preamble(identity: str) -> bytes:
+    """Checks speak like transactions: a backend that wants a PROXY header gets one (it names the
+    balancer itself: v2 LOCAL, v1 UNKNOWN), or it would refuse the check."""
+    if identity == "proxy-v2":
+        from ..proxy import build_v2
+        return build_v2(None, None)
+    if identity == "proxy-v1":
+        return b"PROXY UNKNOWN\r\n"
+    return b""

@@ -172,10 +172,16 @@ class PoolRuntime:
                 self._set(b, "agent off", agent="up", agent_down=False, agent_percent=100)
 
     # --- leasing connections -----------------------------------------------------------------
+    @property
+    def per_client(self) -> bool:
+        """PROXY headers bind a backend connection to one client: such connections are never shared."""
+        return self.cfg.identity in ("proxy-v1", "proxy-v2")
+
     async def lease(self, client_ip: str, helo_name: str, exclude: set[str],
-                    first: Backend | None = None) -> Lease | None:
+                    first: Backend | None = None, preamble: bytes = b"") -> Lease | None:
         """A greeted connection to a server the balancer picks (``first``, if already picked); None
         when no server can be reached. Every server tried and failed is added to ``exclude``.
+        ``preamble``: what to send on a new connection before its greeting (a PROXY header).
         """
         while True:
             backend, first = first or self.balancer.pick(client_ip, exclude), None
@@ -186,13 +192,14 @@ class PoolRuntime:
             if conns is None or endpoint is None:
                 exclude.add(backend.name)
                 continue
-            conn = conns.take()
+            conn = None if self.per_client else conns.take()
             if conn is not None:
                 self.balancer.acquire(backend)
                 return Lease(backend, conn, True, self.cfg.identity)
             try:
                 conn = await open_connection(endpoint.host, endpoint.port, server_name=backend.name,
-                                             helo_name=self.helo(helo_name), timeouts=self.timeouts)
+                                             helo_name=self.helo(helo_name), timeouts=self.timeouts,
+                                             preamble=preamble)
             except BackendError as exc:
                 self.mark_failed(backend, exc)
                 exclude.add(backend.name)
@@ -214,7 +221,7 @@ class PoolRuntime:
         if backend is None:
             return None, None
         conns = self._conns.get(backend.name)
-        conn = conns.take() if conns is not None else None
+        conn = conns.take() if conns is not None and not self.per_client else None
         if conn is None:
             return backend, None
         self.balancer.acquire(backend)
@@ -232,7 +239,7 @@ class PoolRuntime:
             watch = self.watch.get(backend.name)
             if watch is not None:
                 watch.failures = 0
-            if conns is not None and backend.usable:
+            if conns is not None and backend.usable and not self.per_client:
                 conns.give_back(lease.conn)
                 return
         lease.conn.close()

@@ -344,6 +344,10 @@ class Session(asyncio.Protocol):
             return replies.helo_reply(self.vip.hostname)
         return replies.ehlo_reply(self.vip.hostname, self.conn.ehlo_keywords())
 
+    def _local(self) -> tuple[str, int] | None:
+        sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        return (str(sock[0]), int(sock[1])) if sock else None
+
     def _tls_required(self, domain: str | None = None) -> bool:
         """The VIP's require_tls_from (this client) or require_tls_for (this recipient domain)."""
         if self.tls is not None or self.daemon.tls_context(self.vip) is None:
@@ -369,7 +373,7 @@ class Session(asyncio.Protocol):
             return self._refuse(verdict, sender=event.address)
         self.txn_count += 1
         qid = f"{self.sid}.{self.txn_count}"
-        facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp)
+        facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp, self._local())
         self.txn = Transaction(qid, event, facts, self.daemon.helo_name(self.vip), self.daemon.queue,
                                self.daemon.over_queue_load(self.vip), self.vip.name)
         self.discard = verdict.kind == "discard"

@@ -223,8 +223,9 @@ def _ignore(fut: asyncio.Future[Reply]) -> None:
 
 
 async def open_connection(host: str, port: int, *, server_name: str, helo_name: str,
-                          timeouts: Timeouts) -> BackendConnection:
-    """Connect, read the greeting and say EHLO; raises BackendError on any failure."""
+                          timeouts: Timeouts, preamble: bytes = b"") -> BackendConnection:
+    """Connect, (send ``preamble``: a PROXY header), read the greeting and say EHLO; raises BackendError
+    on any failure."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeouts.connect):
@@ -235,6 +236,8 @@ async def open_connection(host: str, port: int, *, server_name: str, helo_name: 
     except OSError as exc:
         raise BackendUnavailable(f"{server_name}: {exc.strerror or exc}") from exc
     try:
+        if preamble:
+            conn.write(preamble)
         assert conn.greeted is not None
         greeting = await conn.greeted
         if greeting.code != 220:

@@ -124,6 +124,12 @@ def _xtext(value: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
 
 
+def xforward_command(attrs: dict[str, str]) -> bytes:
+    """``XFORWARD NAME=... ADDR=...`` (Postfix's XFORWARD_README): the client of the next transaction."""
+    parts = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items())
+    return f"XFORWARD {parts}\r\n".encode("ascii")
+
+
 def xclient_command(attrs: dict[str, str]) -> bytes:
     """``XCLIENT NAME=... ADDR=...``; unknown values are sent as ``[UNAVAILABLE]``."""
     parts = " ".join(f"{k}={_xtext(v)}" for k, v in attrs.items())

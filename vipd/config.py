@@ -205,6 +205,7 @@ class VipConfig:
     require_tls_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     require_tls_for: frozenset[str] = frozenset()   # recipient domains that need TLS
     accept_proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()   # PROXY v1/v2 required
+    chunking: bool = False            # offer CHUNKING (BDAT, RFC 3030)
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +605,7 @@ class _VipTable(_Schema):
     require_tls_from: Annotated[tuple[Network, ...], Array()] = ()
     require_tls_for: Annotated[tuple[Domain, ...], Array()] = ()
     accept_proxy_from: Annotated[tuple[Network, ...], Array()] = ()
+    chunking: bool = False
 
 
 class _QueueTable(_Schema):

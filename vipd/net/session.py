@@ -27,7 +27,7 @@ from ..smtp import replies
 from ..smtp.commands import Data, Ehlo, Helo, MailFrom, Quit, RcptTo, Rset, StartTls
 from ..smtp.lines import BodyChunk
 from ..smtp.replies import Reply
-from ..smtp.server import (ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
+from ..smtp.server import (ChunkComplete, ConnectionClosed, Limits, MessageComplete, ProtocolViolation,
                            ServerConnection, Sentinel, State, standard_reply)
 from .body import Body
 from ..policy.limits import check_pregreet, check_refused_recipients
@@ -73,7 +73,8 @@ def limits_for(vip: VipConfig) -> Limits:
                   max_recipients=vip.max_recipients,
                   reject_nul=vip.reject_nul,
                   need_helo="needmailhelo" in vip.privacy,
-                  starttls=vip.tls_cert is not None)
+                  starttls=vip.tls_cert is not None,
+                  chunking=vip.chunking)
 
 
 def new_session_id() -> str:
@@ -293,9 +294,13 @@ class Session(asyncio.Protocol):
     def _handle(self, event: object):
         """Answer one event: a Reply, an awaitable of one, or None (nothing to say)."""
         if isinstance(event, BodyChunk):
+            if self.body is None:
+                self._begin_body()               # the first BDAT chunk (DATA begins at its 354)
             assert self.body is not None
             self.body.append(event.data)
             return None
+        if isinstance(event, ChunkComplete):
+            return self._chunk_complete(event)
         if self.daemon.stopping and self.conn.state is State.READY and not isinstance(event, Quit):
             self.term = "KQ"
             return replies.SHUTTING_DOWN
@@ -443,11 +448,26 @@ class Session(asyncio.Protocol):
             self.daemon.count_verdict(check, verdict.kind)
 
     def _data(self) -> Reply:
+        self._begin_body()
+        return replies.START_DATA
+
+    def _begin_body(self) -> None:
         txn = self.txn
         assert txn is not None
         txn.begin_data()
         self.body = Body()
-        return replies.START_DATA
+
+    def _chunk_complete(self, event: ChunkComplete) -> Reply | Pending:
+        """One BDAT chunk read: 250 for a middle chunk; the last one ends the message like DATA's dot."""
+        if self.body is None and self.txn is not None:
+            self._begin_body()                   # BDAT 0 LAST: an empty message
+        if not event.last and event.error is None:
+            return Reply(250, "2.0.0", f"Ok: {event.size} octets received")
+        if not event.last:
+            self.daemon.metrics.protocol_errors.labels("bad_message").inc()
+            self._end_transaction("rejected", event.error, event.total)
+            return event.error  # type: ignore[return-value]
+        return self._message_complete(MessageComplete(event.total, event.error))
 
     def _message_complete(self, event: MessageComplete) -> Reply | Pending:
         txn, body = self.txn, self.body

@@ -31,6 +31,7 @@ __all__ = [
     "Unknown",
     "Xclient",
     "StartTls",
+    "Bdat",
     "parse_command",
     "parse_path",
 ]
@@ -131,6 +132,14 @@ class Xclient(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Bdat(Command):
+    """RFC 3030: ``size`` octets of message follow the command line; ``last`` ends the message."""
+
+    size: int
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
 class StartTls(Command):
     """RFC 3207: the client asks to turn the session into TLS."""
 
@@ -142,7 +151,7 @@ class Unknown(Command):
 
 
 # Verbs that exist in SMTP extensions we do not offer yet: answered 502, not 500.
-_UNOFFERED = frozenset({"AUTH", "BDAT", "ETRN", "TURN", "ATRN", "XFORWARD",
+_UNOFFERED = frozenset({"AUTH", "ETRN", "TURN", "ATRN", "XFORWARD",
                         "SEND", "SOML", "SAML", "VERB"})
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
@@ -295,6 +304,12 @@ def parse_command(line: bytes, *, max_message_bytes: int) -> Command | Reply:
         return cls(rest_stripped)
     if verb == "XCLIENT":
         return _parse_xclient(rest_stripped)
+    if verb == "BDAT":
+        words = rest_stripped.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 15 or (
+                len(words) == 2 and words[1].upper() != "LAST"):
+            return replies.BDAT_SYNTAX
+        return Bdat(int(words[0]), len(words) == 2)
     return Unknown(verb[:32], known=verb in _UNOFFERED)
 
 

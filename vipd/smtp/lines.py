@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from . import replies
 from .replies import Reply
 
-__all__ = ["LineReader", "DataReader", "BodyChunk", "unstuff"]
+__all__ = ["LineReader", "DataReader", "ChunkReader", "BodyChunk", "unstuff"]
 
 _END = b"\r\n.\r\n"
 _HOLD = len(_END) - 1
@@ -190,3 +190,97 @@ def unstuff(body: bytes) -> bytes:
     """Remove dot-stuffing from a whole body: every line that starts with '.' loses that first dot."""
     out = body.replace(b"\r\n.", b"\r\n")
     return out[1:] if out.startswith(b".") else out
+
+
+class ChunkReader:
+    """Reads the octets of BDAT chunks (RFC 3030) and hands them out in DATA's wire form.
+
+    One instance per message; ``start`` begins each chunk. The content comes out dot-stuffed and
+    ending in CRLF, so it can be relayed with DATA to any backend, CHUNKING or not. The checks are
+    DataReader's: a bare CR or LF (which DATA on a backend could read as a line end: smuggling) or a
+    NUL refuses the whole message, as does a size over the limit; faults are sticky, and every octet
+    of every announced chunk is consumed whatever the verdict, so the session stays in step.
+    """
+
+    __slots__ = ("max_bytes", "max_line", "reject_nul", "size", "error", "remaining", "last", "_carry_cr",
+                 "_at_line_start", "_nul", "_bare", "_ended", "_line_len", "_long")
+
+    def __init__(self, max_bytes: int, reject_nul: bool, max_line: int = 0) -> None:
+        self.max_bytes = max_bytes
+        self.max_line = max_line          # octets including CRLF; 0: no limit (as DataReader)
+        self._line_len = 0
+        self._long = False
+        self.reject_nul = reject_nul
+        self.size = 0
+        self.error: Reply | None = None
+        self.remaining = 0
+        self.last = False
+        self._carry_cr = False          # the previous octet was a CR that may start a CRLF
+        self._at_line_start = True
+        self._nul = self._bare = False
+        self._ended = False             # content so far ends with CRLF
+
+    def start(self, size: int, last: bool) -> None:
+        self.remaining, self.last = size, last
+
+    def read(self, buf: bytearray) -> tuple[BodyChunk | None, bool]:
+        """Take this chunk's octets from ``buf``: (stuffed content or None, whether the chunk is complete)."""
+        take = min(len(buf), self.remaining)
+        seg = bytes(buf[:take])
+        del buf[:take]
+        self.remaining -= take
+        done = self.remaining == 0
+        final = done and self.last
+        out = self._convert(seg, final) if seg or final else b""
+        self.error = self._verdict()
+        return (BodyChunk(out) if out and self.error is None else None), done
+
+    def _convert(self, seg: bytes, final: bool) -> bytes:
+        self.size += len(seg)
+        if self.reject_nul and b"\x00" in seg:
+            self._nul = True
+        view = (b"\r" if self._carry_cr else b"") + seg
+        trailing_cr = view.endswith(b"\r")
+        core = view[:-1] if trailing_cr else view
+        crlf = core.count(b"\r\n")
+        if core.count(b"\n") != crlf or core.count(b"\r") != crlf:
+            self._bare = True
+        self._carry_cr = trailing_cr
+        if final and trailing_cr:
+            self._bare = True               # the message ends in a lone CR
+        if self.max_line and not self._long:
+            self._long = self._too_long(seg)
+        out = seg.replace(b"\n.", b"\n..")
+        if self._at_line_start and seg[:1] == b".":
+            out = b"." + out
+        if seg:
+            self._at_line_start = seg.endswith(b"\n")
+            self._ended = view.endswith(b"\r\n")
+        if final and not self._ended:
+            out += b"\r\n"                  # DATA needs CRLF before the final dot
+        return out
+
+    def _too_long(self, seg: bytes) -> bool:
+        """Whether a line (CRLF included) runs past ``max_line``; lines may continue across chunks."""
+        last_nl = seg.rfind(b"\n")
+        if last_nl < 0:
+            self._line_len += len(seg)
+            return self._line_len > self.max_line
+        first_nl = seg.find(b"\n")
+        if self._line_len + first_nl + 1 > self.max_line:
+            return True
+        if first_nl < last_nl and max(map(len, seg[first_nl + 1:last_nl].split(b"\n"))) + 1 > self.max_line:
+            return True
+        self._line_len = len(seg) - last_nl - 1
+        return self._line_len > self.max_line
+
+    def _verdict(self) -> Reply | None:
+        if self._nul:
+            return replies.NUL_IN_DATA
+        if self._bare:
+            return replies.BARE_LINE_ENDING
+        if self.size > self.max_bytes:
+            return replies.TOO_BIG
+        if self._long:
+            return replies.DATA_LINE_TOO_LONG
+        return None

@@ -24,9 +24,9 @@ import enum
 from dataclasses import dataclass
 
 from . import replies
-from .commands import (Command, Data, Ehlo, Expn, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset, StartTls,
+from .commands import (Bdat, Command, Data, Ehlo, Expn, Helo, Help, MailFrom, Noop, Quit, RcptTo, Rset, StartTls,
                        Unknown, Vrfy, Xclient, parse_command)
-from .lines import BodyChunk, DataReader, LineReader
+from .lines import BodyChunk, ChunkReader, DataReader, LineReader
 from .replies import Reply
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Greeting",
     "ProtocolViolation",
     "MessageComplete",
+    "ChunkComplete",
     "ConnectionClosed",
     "BodyChunk",
     "LocalProtocolError",
@@ -52,6 +53,7 @@ class State(enum.Enum):
     MAIL = "mail"            # sender given
     RCPT = "rcpt"            # at least one recipient accepted
     DATA = "data"            # reading the body
+    BDAT = "bdat"            # between BDAT chunks of one message
     CLOSED = "closed"
 
 
@@ -84,6 +86,7 @@ class Limits:
     max_errors: int = 20                  # Postfix smtpd_hard_error_limit
     xclient: bool = False                 # offer XCLIENT (only ever to trusted peers)
     starttls: bool = False                # offer STARTTLS (RFC 3207)
+    chunking: bool = False                # offer CHUNKING: BDAT (RFC 3030)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,17 @@ class MessageComplete:
     """CRLF.CRLF arrived. ``error`` is set when the body was refused (then no chunk was complete)."""
 
     size: int
+    error: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkComplete:
+    """All octets of one BDAT chunk were read; ``last``: the message is complete. ``error``: the
+    message is refused (bare line ending, NUL, size), answered with it."""
+
+    size: int
+    last: bool
+    total: int
     error: Reply | None
 
 
@@ -138,7 +152,8 @@ class ServerConnection:
     """One client session's protocol state. Not thread-safe; feed it from one place."""
 
     __slots__ = ("limits", "state", "helo", "esmtp", "rcpt_count", "rcpt_attempts", "errors", "tls",
-                 "discarded_after_starttls",
+                 "discarded_after_starttls", "_chunks", "_chunk", "_chunk_refusal", "_chunk_left",
+                 "_chunk_done",
                  "_buf", "_eof", "_pending", "_lines", "_data", "_closed_event_sent", "_data_done")
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -151,6 +166,11 @@ class ServerConnection:
         self.errors = 0
         self.tls = False                  # the session is (being switched to) TLS
         self.discarded_after_starttls = 0
+        self._chunks: ChunkReader | None = None     # the message being sent in BDAT chunks
+        self._chunk: Bdat | None = None             # the chunk whose octets are being read
+        self._chunk_refusal: Reply | None = None    # its answer once read, when it is out of sequence
+        self._chunk_left = 0
+        self._chunk_done = False
         self._buf = bytearray()
         self._eof = False
         self._pending: object | None = Greeting()
@@ -184,6 +204,8 @@ class ServerConnection:
             return NEED_DATA
         if self.state is State.DATA:
             return self._next_data_event()
+        if self._chunk is not None:
+            return self._next_chunk_event()
         line = self._lines.next_line(self._buf)
         if line is None:
             return self._eof_event() if self._eof else NEED_DATA
@@ -208,6 +230,44 @@ class ServerConnection:
             self._pending = event
             return event
         return self._eof_event() if self._eof else NEED_DATA
+
+    def _next_chunk_event(self) -> object:
+        """The octets of a BDAT chunk: consumed whatever the verdict, then answered."""
+        cmd = self._chunk
+        assert cmd is not None
+        if self._chunk_refusal is not None:
+            take = min(len(self._buf), self._chunk_left)
+            del self._buf[:take]
+            self._chunk_left -= take
+            if self._chunk_left:
+                return self._eof_event() if self._eof else NEED_DATA
+            refusal, self._chunk, self._chunk_refusal = self._chunk_refusal, None, None
+            return self._violation(refusal, kind="sequence")
+        reader = self._chunks
+        assert reader is not None
+        if not self._chunk_done:
+            chunk, self._chunk_done = reader.read(self._buf)
+            if chunk is not None:
+                return chunk
+        if not self._chunk_done:
+            return self._eof_event() if self._eof else NEED_DATA
+        self._chunk, self._chunk_done = None, False
+        event = ChunkComplete(cmd.size, cmd.last, reader.size, reader.error)
+        self._pending = event
+        return event
+
+    def _start_chunk(self, cmd: Bdat) -> object:
+        """A BDAT command: its octets follow on the wire whatever we will answer, so read them first."""
+        self._chunk = cmd
+        if self.state in (State.RCPT, State.BDAT):
+            if self._chunks is None:
+                self._chunks = ChunkReader(self.limits.max_message_bytes, self.limits.reject_nul,
+                                           self.limits.max_text_line_bytes)
+            self._chunks.start(cmd.size, cmd.last)
+        else:
+            self._chunk_refusal = self._sequence_reply(cmd)
+            self._chunk_left = cmd.size
+        return self._next_chunk_event()
 
     def _eof_event(self) -> object:
         if self._closed_event_sent:
@@ -237,6 +297,12 @@ class ServerConnection:
         allowed = _ALLOWED.get(kind)
         if allowed is not None and self.state not in allowed:
             return self._violation(self._sequence_reply(cmd), kind="sequence")
+        if kind is Bdat:
+            if not self.limits.chunking:
+                return self._violation(replies.NOT_IMPLEMENTED)
+            return self._start_chunk(cmd)  # type: ignore[arg-type]
+        if kind is Data and self.state is State.BDAT:
+            return self._violation(replies.BDAT_AFTER_DATA, kind="sequence")
         if kind is StartTls:
             if not self.limits.starttls:
                 return self._violation(replies.NOT_IMPLEMENTED)
@@ -256,11 +322,13 @@ class ServerConnection:
         return cmd
 
     def _sequence_reply(self, cmd: Command) -> Reply:
+        if self.state is State.BDAT:
+            return replies.BDAT_AFTER_DATA if isinstance(cmd, (MailFrom, RcptTo, Data)) else replies.BAD_SEQUENCE
         if isinstance(cmd, MailFrom):
             return replies.NESTED_MAIL
         if isinstance(cmd, RcptTo):
             return replies.NEED_MAIL
-        if isinstance(cmd, Data):
+        if isinstance(cmd, (Data, Bdat)):
             if self.state is State.READY:
                 return replies.NEED_MAIL
             return replies.NO_VALID_RCPTS if self.rcpt_attempts else replies.NEED_RCPT
@@ -314,6 +382,11 @@ class ServerConnection:
                 self._data = DataReader(lim.max_message_bytes, lim.max_text_line_bytes, lim.reject_nul)
         elif isinstance(event, (MessageComplete, Rset)):
             self._reset_transaction()
+        elif isinstance(event, ChunkComplete):
+            if event.last or event.error is not None or not reply.is_positive:
+                self._reset_transaction()      # RFC 3030 4.2: a refused chunk fails the message
+            else:
+                self.state = State.BDAT
         elif isinstance(event, StartTls):
             if reply.code == 220:
                 # RFC 3207 section 4.2: forget everything learned in plaintext. Whatever the client
@@ -334,6 +407,7 @@ class ServerConnection:
                 self._reset_transaction()
 
     def _reset_transaction(self) -> None:
+        self._chunks = None
         self.state = State.READY
         self.rcpt_count = 0
         self.rcpt_attempts = 0
@@ -347,6 +421,8 @@ class ServerConnection:
         words = ["PIPELINING", f"SIZE {self.limits.max_message_bytes}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if self.limits.starttls and not self.tls:
             words.append("STARTTLS")
+        if self.limits.chunking:
+            words.append("CHUNKING")
         if self.limits.xclient:
             words.append("XCLIENT NAME ADDR PORT PROTO HELO")
         return words

@@ -707,3 +707,76 @@ def test_a_refused_starttls_changes_nothing():
     d.feed(b"EHLO c.example\r\nSTARTTLS\r\nNOOP\r\n")
     assert [r.code for r in d.replies[-2:]] == [454, 250]
     assert not d.conn.tls and d.conn.helo == "c.example"
+
+
+# --- CHUNKING / BDAT (RFC 3030) -------------------------------------------------------------------
+def bdat_policy(conn, event):
+    from vipd.smtp.server import ChunkComplete
+    from ._harness import accept_all
+    if isinstance(event, ChunkComplete):
+        if event.error is not None:
+            return event.error
+        return replies.OK if event.last else Reply(250, "2.0.0", f"{event.size} octets received")
+    return accept_all(conn, event)
+
+
+def chunk_driver() -> Driver:
+    d = Driver(Limits(chunking=True), policy=bdat_policy)
+    d.feed(b"EHLO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+    return d
+
+
+def test_bdat_chunks_become_data_wire_form():
+    from vipd.smtp.server import ChunkComplete
+    d = chunk_driver()
+    assert "CHUNKING" in d.replies[1].text
+    body = b"Subject: x\r\n\r\n.dot line\r\nplain"
+    first, second = body[:20], body[20:]
+    d.feed(b"BDAT %d\r\n" % len(first) + first)
+    assert d.replies[-1].code == 250 and d.conn.state is State.BDAT
+    d.feed(b"BDAT %d LAST\r\n" % len(second) + second)
+    assert d.replies[-1] == replies.OK and d.conn.state is State.READY
+    wire = body_of(d)
+    assert wire == b"Subject: x\r\n\r\n..dot line\r\nplain\r\n"      # stuffed, and ends in CRLF
+    assert unstuff(wire) == body + b"\r\n"
+    done = only(d.events(), ChunkComplete)
+    assert [(c.size, c.last) for c in done] == [(20, False), (len(second), True)]
+
+
+def test_bdat_octets_are_consumed_even_when_refused():
+    d = Driver(Limits(chunking=True), policy=bdat_policy)
+    d.feed(b"EHLO c.example\r\n")
+    # Out of sequence: the 12 octets must not be read as commands (they look like one).
+    d.feed(b"BDAT 12 LAST\r\nQUIT\r\nNOOP\r\n")
+    assert d.replies[-1].code == 503
+    assert not d.conn.closed
+    d.feed(b"NOOP\r\n")
+    assert d.replies[-1] == replies.NOOP_OK
+
+
+def test_bdat_with_a_bare_lf_fails_the_message_and_data_cannot_follow():
+    d = chunk_driver()
+    d.feed(b"BDAT 8\r\nabc\n.\r\nx")
+    assert d.replies[-1] == replies.BARE_LINE_ENDING and d.conn.state is State.READY
+    d = chunk_driver()
+    d.feed(b"BDAT 3\r\nabc")
+    d.feed(b"DATA\r\n")
+    assert d.replies[-1] == replies.BDAT_AFTER_DATA
+
+
+def test_bdat_split_anywhere_gives_the_same_wire_form():
+    body = b"A\r\n.B\r\n..C\r\n\r\n.\r\nend\r\n"
+    whole = chunk_driver()
+    whole.feed(b"BDAT %d LAST\r\n" % len(body) + body)
+    for cut in range(len(body) + 1):
+        d = chunk_driver()
+        d.feed(b"BDAT %d\r\n" % cut + body[:cut])
+        d.feed(b"BDAT %d LAST\r\n" % (len(body) - cut) + body[cut:])
+        assert body_of(d) == body_of(whole), cut
+    assert unstuff(body_of(whole)) == body
+
+
+def test_bdat_not_offered():
+    d = Driver()
+    d.feed(b"EHLO c.example\r\n")
+    assert d.feed(b"BDAT 3 LAST\r\n")[-1][1] == replies.NOT_IMPLEMENTED

@@ -206,6 +206,9 @@ class VipConfig:
     require_tls_for: frozenset[str] = frozenset()   # recipient domains that need TLS
     accept_proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()   # PROXY v1/v2 required
     chunking: bool = False            # offer CHUNKING (BDAT, RFC 3030)
+    max_errors_per_session: int = 20          # Postfix smtpd_hard_error_limit
+    max_messages_per_session: int = 1000
+    min_data_rate_bytes_per_second: int = 100  # after DATA_RATE_GRACE_SECONDS of DATA; 0: no minimum
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,7 +579,7 @@ class _VipTable(_Schema):
     max_recipients: Positive = 100
     max_command_line_bytes: CommandLineLimit = 2048
     max_text_line_bytes: TextLineLimit = 1000  # 0: no limit
-    max_sessions: Positive = 200
+    max_sessions: Positive = 1000     # an idle session costs about 2 KiB (bench idle): slots are cheap
     reject_nul: bool = True
     privacy: Annotated[tuple[Privacy, ...], Array()] = ("needmailhelo", "noexpn", "novrfy")
     command_timeout_seconds: Seconds = 300.0
@@ -606,6 +609,9 @@ class _VipTable(_Schema):
     require_tls_for: Annotated[tuple[Domain, ...], Array()] = ()
     accept_proxy_from: Annotated[tuple[Network, ...], Array()] = ()
     chunking: bool = False
+    max_errors_per_session: Annotated[int, Field(ge=1, le=1000)] = 20
+    max_messages_per_session: Annotated[int, Field(ge=1)] = 1000
+    min_data_rate_bytes_per_second: Annotated[int, Field(ge=0)] = 100
 
 
 class _QueueTable(_Schema):

@@ -15,6 +15,7 @@ Rules (DESIGN.md section 2):
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,7 @@ from .pools import Lease, PoolRuntime
 
 __all__ = ["ClientFacts", "Part", "Transaction", "with_status"]
 
+_BACKEND_ID = re.compile(r"queued as ([A-Za-z0-9._-]+)|^([A-Za-z0-9]{6,}) Message accepted")
 DATA = b"DATA\r\n"
 RSET = b"RSET\r\n"
 END = b".\r\n"
@@ -476,6 +478,17 @@ class Transaction:
         else:
             # DATA is (or may be) open on the backend: only closing the connection abandons it safely.
             part.pool.give_back(lease, reusable=False)
+
+    def backend_ids(self) -> str:
+        """The queue ids the backends gave in their 250 (Postfix's "queued as X", sendmail's "X Message
+        accepted"), so one grep follows a message from vipd's log into the backend's."""
+        ids = []
+        for p in self.parts.values():
+            if p.result is not None and p.result.code == 250 and not p.queued_as:
+                found = _BACKEND_ID.search(p.result.text)
+                if found:
+                    ids.append(f"{p.server}:{found.group(1) or found.group(2)}")
+        return ",".join(ids)
 
     def servers(self) -> str:
         """The servers that carried the parts (or the queue ids that took them), for the log line."""

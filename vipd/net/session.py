@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import socket
 import ssl
 import os
 import time
@@ -43,7 +44,23 @@ if TYPE_CHECKING:
 __all__ = ["Session", "limits_for", "new_session_id"]
 
 MAX_BUFFERED = 256 * 1024
+DATA_RATE_GRACE_SECONDS = 30.0       # a slow start (TCP slow start, a busy client) is no slowloris
 PROXY_TIMEOUT_SECONDS = 10.0
+
+
+def _keepalive(transport: asyncio.BaseTransport) -> None:
+    """TCP keepalive on client connections: a peer that vanished without a FIN is found and reaped
+    in minutes, not when a two-hour default or the session timeout says so."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except (OSError, AttributeError):
+        pass
 
 
 def _in_networks(ip: str, networks) -> bool:
@@ -74,7 +91,8 @@ def limits_for(vip: VipConfig) -> Limits:
                   reject_nul=vip.reject_nul,
                   need_helo="needmailhelo" in vip.privacy,
                   starttls=vip.tls_cert is not None,
-                  chunking=vip.chunking)
+                  chunking=vip.chunking,
+                  max_errors=vip.max_errors_per_session)
 
 
 def new_session_id() -> str:
@@ -123,6 +141,7 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.ip, self.port = str(peer[0]), int(peer[1])
+        _keepalive(transport)
         if _in_networks(self.ip, self.vip.accept_proxy_from):
             # A trusted L4 balancer: a PROXY header first, and only then is there a client to judge.
             self._proxy_buf = bytearray()
@@ -162,7 +181,10 @@ class Session(asyncio.Protocol):
             self._pump()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        # Command timeouts count from the last complete command: a client that trickles a byte now
+        # and then cannot hold a session (slowloris). In DATA, bytes count, and a minimum rate applies.
+        if self.conn.state is State.DATA:
+            self.last_activity = time.monotonic()
         if self._proxy_buf is not None:
             data = self._proxy_header(data)
             if not data:
@@ -176,6 +198,16 @@ class Session(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False
+
+    def pause_writing(self) -> None:
+        # A client that pipelines without reading our replies: stop reading until it catches up,
+        # so what we hold for it stays bounded.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self._paused and not self._closed:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -235,6 +267,7 @@ class Session(asyncio.Protocol):
                 if isinstance(event, Sentinel):
                     break
                 result = self._handle(event)
+                self.last_activity = time.monotonic()
                 if result is None:
                     continue
                 if isinstance(result, Reply):
@@ -376,6 +409,11 @@ class Session(asyncio.Protocol):
     def _mail_verdict(self, event: MailFrom, verdict: Verdict) -> Reply:
         if verdict.refuses:
             return self._refuse(verdict, sender=event.address)
+        if self.txn_count >= self.vip.max_messages_per_session:
+            self.term = "PM"
+            self.log.info(f"{self.sid}: reject MAIL " + fmt(client=self._client(), check="max_messages_per_session",
+                                                             reply=str(replies.TOO_MANY_MESSAGES)))
+            return replies.TOO_MANY_MESSAGES
         self.txn_count += 1
         qid = f"{self.sid}.{self.txn_count}"
         facts = ClientFacts(self.ip, self.port, self.conn.helo or "", self.conn.esmtp, self._local())
@@ -529,6 +567,7 @@ class Session(asyncio.Protocol):
         self.log.info(f"{txn.qid}: {outcome} " + fmt(
             client=self._client(), helo=f"<{self.conn.helo or ''}>", **{"from": str(txn.mail.address)},
             to=rcpts or None, nrcpt=txn.accepted_rcpts, size=size, servers=txn.servers() or None,
+            backend_id=txn.backend_ids() or None,
             delays=f"{data_at - txn.started:.3f}/{body_at - data_at:.3f}/{now - body_at:.3f}",
             dsn=reply.status if reply else None, reply=str(reply) if reply else None))
 
@@ -665,6 +704,15 @@ class Session(asyncio.Protocol):
             return
         in_data = self.conn.state is State.DATA
         limit = self.vip.data_timeout_seconds if in_data else self.vip.command_timeout_seconds
+        rate = self.vip.min_data_rate_bytes_per_second
+        txn = self.txn
+        if in_data and rate and txn is not None and txn.data_started and self.body is not None:
+            elapsed = now - txn.data_started
+            if elapsed > DATA_RATE_GRACE_SECONDS and self.body.size < rate * elapsed:
+                self.log.info(f"{txn.qid}: data too slow " + fmt(client=self._client(), bytes=self.body.size,
+                                                                 seconds=f"{elapsed:.0f}"))
+                self.say_and_close(replies.DATA_TOO_SLOW, "cD")
+                return
         if self.idle_for(now) > limit:
             reply = replies.DATA_TIMEOUT if in_data else replies.COMMAND_TIMEOUT
             self.say_and_close(reply, "c" + self._phase(in_data))

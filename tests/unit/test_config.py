@@ -272,7 +272,7 @@ def test_defaults(tmp_path: Path) -> None:
     vip = loaded.vips["mx"]
     assert vip.banner == "mx.test ESMTP"
     assert (vip.routes, vip.routes_file) == (None, None)
-    assert (vip.max_message_bytes, vip.max_recipients, vip.max_sessions) == (10_485_760, 100, 200)
+    assert (vip.max_message_bytes, vip.max_recipients, vip.max_sessions) == (10_485_760, 100, 1000)
     assert (vip.max_command_line_bytes, vip.max_text_line_bytes, vip.reject_nul) == (2048, 1000, True)
     assert vip.privacy == frozenset({"needmailhelo", "noexpn", "novrfy"})
     assert (vip.command_timeout_seconds, vip.data_timeout_seconds, vip.session_timeout_seconds) == (

@@ -438,6 +438,7 @@ class Postfix(Peer):
     description = "Postfix from its .deb, store-and-forward relay, randmap transport over the sinks"
 
     _data_tmp: Path | None = None
+    extra_main_cf = ""      # lines appended to main.cf (the tests use it for XCLIENT)
 
     def _root(self) -> Path:
         assert self._cache is not None
@@ -487,6 +488,9 @@ class Postfix(Peer):
                       port=port, transports=", ".join(f"smtp:[{s.host}]:{s.port}" for s in sinks))
         render(CONF / "postfix" / "main.cf", conf / "main.cf", **values)
         render(CONF / "postfix" / "master.cf", conf / "master.cf", **values)
+        if self.extra_main_cf:
+            with open(conf / "main.cf", "a") as f:
+                f.write("\n" + self.extra_main_cf)
         # start-fg: the master stays in the foreground (as a child of postfix-script, our Popen)
         proc = self.spawn(self._postfix("start-fg"), "postfix.log", env=self._env())
         wait_listening(HOST, port, [proc], workdir / "maillog")

@@ -250,6 +250,10 @@ class PoolConfig:
     idle_timeout_seconds: float
     max_transactions_per_connection: int
     health: HealthConfig = HealthConfig()
+    tls: Literal["none", "opportunistic", "required"] = "none"   # STARTTLS to the backends
+    tls_verify: bool = False            # check the backend's certificate chain and name
+    tls_ca: Path | None = None          # CAs for tls_verify (default: the system's)
+    tls_server_name: str | None = None  # the name to send (SNI) and check (default: the server's host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +563,10 @@ class _PoolTable(_Schema):
     idle_timeout_seconds: Seconds = 30.0
     max_transactions_per_connection: Positive = 1000
     health: _HealthTable | None = None
+    tls: Literal["none", "opportunistic", "required"] = "none"
+    tls_verify: bool = False
+    tls_ca: PathText | None = None
+    tls_server_name: Hostname | None = None
 
 
 class _DnsblTable(_Schema):
@@ -817,7 +825,7 @@ class _Analysis:
             log_level=document.log_level,
             grace_seconds=document.grace_seconds,
             vips=FrozenMap((name, self._vip(name, *vip)) for name, vip in vips.items()),
-            pools=FrozenMap((name, _pool(name, pool)) for name, pool in pools.items()),
+            pools=FrozenMap((name, _pool(name, pool, self._relative)) for name, pool in pools.items()),
             admin=None if document.admin is None else AdminConfig(document.admin.listen,
                                                                    self._admin_token(document.admin)),
             queue=QueueConfig() if document.queue is None else QueueConfig(**dict(document.queue)),
@@ -933,7 +941,7 @@ def _health(table: _HealthTable | None) -> HealthConfig:
     return HealthConfig(**fields)
 
 
-def _pool(name: str, table: _PoolTable) -> PoolConfig:
+def _pool(name: str, table: _PoolTable, relative: Callable[[str], Path]) -> PoolConfig:
     servers = tuple(
         ServerSpec(
             name=server.name or str(server.address),
@@ -945,7 +953,8 @@ def _pool(name: str, table: _PoolTable) -> PoolConfig:
         )
         for server in table.servers
     )
-    return PoolConfig(name=name, **{**dict(table), "servers": servers, "health": _health(table.health)})
+    return PoolConfig(name=name, **{**dict(table), "servers": servers, "health": _health(table.health),
+                                    "tls_ca": None if table.tls_ca is None else relative(table.tls_ca).absolute()})
 
 
 def _expand_privacy(flags: Iterable[str]) -> frozenset[str]:

@@ -141,3 +141,57 @@ def test_bad_certificate_config_names_the_key(tmp_path, certs: Certs) -> None:
     path.write_text(text)
     errors = config.check(path)
     assert len(errors) == 1 and ": vip.mx.tls_cert: cannot load " in errors[0], errors
+
+
+def outer_config(inner_port: int, tls: str, extra: str = "") -> str:
+    return f"""
+[vip.mx]
+listen = ["127.0.0.1:0"]
+hostname = "edge.vipd.test"
+default_pool = "inner"
+trusted_networks = ["127.0.0.0/8"]
+
+[pool.inner]
+servers = ["127.0.0.1:{inner_port}"]
+tls = "{tls}"
+{extra}
+"""
+
+
+def test_starttls_to_backends_verified(lab: Lab, certs: Certs) -> None:
+    sink = lab.sink("a")
+    inner = lab.vipd(tls_config(lab, sink, certs), name="inner")
+    outer = lab.vipd(outer_config(inner.port(), "required",
+                                  f'tls_verify = true\ntls_ca = "{certs.ca}"\ntls_server_name = "mx.vipd.test"'),
+                     name="outer")
+    with outer.smtp() as s:
+        s.sendmail("a@example.org", ["b@example.com"], b"Subject: hop\r\n\r\nencrypted between layers\r\n")
+    body = wait_for(lambda: sink.messages(), what="the message")[0].body
+    head = body.split(b"\r\n\r\n", 1)[0].decode()
+    # The inner VIP's Received: says the outer one came over TLS.
+    assert "from mx.vipd.test" in head or "from edge.vipd.test" in head
+    assert "with ESMTPS" in head and "(using TLSv1." in head
+
+
+def test_a_backend_with_a_certificate_we_cannot_verify_is_not_used(lab: Lab, certs: Certs, tmp_path) -> None:
+    other = make_certs(tmp_path / "other")                       # a CA the inner VIP's cert is not from
+    sink = lab.sink("a")
+    inner = lab.vipd(tls_config(lab, sink, certs), name="inner")
+    outer = lab.vipd(outer_config(inner.port(), "required",
+                                  f'tls_verify = true\ntls_ca = "{other.ca}"\ntls_server_name = "mx.vipd.test"'),
+                     name="outer")
+    with outer.smtp() as s:
+        s.ehlo()
+        s.mail("a@example.org")
+        code, _ = s.rcpt("b@example.com")
+    assert code == 451                                           # deferred, never sent in the clear
+    assert sink.messages() == []
+    wait_for(lambda: "TLS handshake failed" in outer.log(), what="the log line")
+
+
+def test_opportunistic_tls_falls_back_to_plaintext(lab: Lab) -> None:
+    sink = lab.sink("a")                                         # offers no STARTTLS
+    outer = lab.vipd(outer_config(sink.port, "opportunistic"), name="outer")
+    with outer.smtp() as s:
+        s.sendmail("a@example.org", ["b@example.com"], b"Subject: plain\r\n\r\nok\r\n")
+    assert wait_for(lambda: sink.messages(), what="the message")

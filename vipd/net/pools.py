@@ -28,7 +28,7 @@ from health.state import HealthState
 from ..balance import Backend, Pool
 from ..config import PoolConfig
 from ..errors import BackendError, BackendTimeout
-from .upstream import BackendConnection, ConnectionPool, Timeouts, open_connection
+from .upstream import BackendConnection, BackendTls, ConnectionPool, Timeouts, open_connection
 
 __all__ = ["PoolRuntime", "PoolEvents", "Lease", "ServerWatch", "FAILURE_HOLDOFF_SECONDS", "EJECT_SECONDS"]
 
@@ -99,6 +99,22 @@ def _specs(cfg: PoolConfig) -> list[tuple[str, str, int, bool, int | None]]:
     return [(s.name, str(s.endpoint), s.weight, s.backup, s.max_sessions) for s in cfg.servers]
 
 
+def _backend_tls(cfg: PoolConfig) -> BackendTls | None:
+    """The client-side TLS of a pool; TLS 1.2 at least, the certificate checked only with tls_verify."""
+    if cfg.tls == "none":
+        return None
+    import ssl
+    if cfg.tls_verify:
+        ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+    else:
+        # Opportunistic encryption (RFC 7435): better than plaintext against a passive listener.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return BackendTls(ctx, cfg.tls == "required", cfg.tls_server_name)
+
+
 def ramp_percent(elapsed: float, period: float) -> int:
     """Slow start: the share of its weight a server gets ``elapsed`` seconds after coming back."""
     if period <= 0 or elapsed >= period:
@@ -116,6 +132,7 @@ class PoolRuntime:
         self.cfg = cfg
         self.checks_elsewhere = checks_elsewhere
         self.on_change: Callable[[], None] | None = None
+        self.tls = _backend_tls(cfg)
         self.timeouts = _timeouts(cfg)
         self.balancer = Pool.from_specs(cfg.name, cfg.balance, _specs(cfg))
         self.events: PoolEvents = events or _Quiet()
@@ -133,6 +150,7 @@ class PoolRuntime:
         """Apply a reloaded config: kept servers keep their counters, states and idle connections."""
         self.cfg = cfg
         self.timeouts = _timeouts(cfg)
+        self.tls = _backend_tls(cfg)
         self.balancer.update(_specs(cfg), cfg.balance)
         self._endpoints = {s.name: s.endpoint for s in cfg.servers}
         self._sync()
@@ -199,7 +217,7 @@ class PoolRuntime:
             try:
                 conn = await open_connection(endpoint.host, endpoint.port, server_name=backend.name,
                                              helo_name=self.helo(helo_name), timeouts=self.timeouts,
-                                             preamble=preamble)
+                                             preamble=preamble, tls=self.tls)
             except BackendError as exc:
                 self.mark_failed(backend, exc)
                 exclude.add(backend.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class BackendConnection(asyncio.Protocol):
         self._deadline = 0.0
         self.greeted: asyncio.Future[Reply] | None = None
         self.xclient: dict[str, str] | None = None     # the client this session last named
+        self.tls = False
 
     # --- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -222,10 +224,20 @@ def _ignore(fut: asyncio.Future[Reply]) -> None:
         fut.exception()
 
 
+@dataclass(frozen=True, slots=True)
+class BackendTls:
+    """STARTTLS to a pool's servers: ``required`` fails a server that cannot do it."""
+
+    context: ssl.SSLContext
+    required: bool
+    server_name: str | None = None
+
+
 async def open_connection(host: str, port: int, *, server_name: str, helo_name: str,
-                          timeouts: Timeouts, preamble: bytes = b"") -> BackendConnection:
-    """Connect, (send ``preamble``: a PROXY header), read the greeting and say EHLO; raises BackendError
-    on any failure."""
+                          timeouts: Timeouts, preamble: bytes = b"",
+                          tls: BackendTls | None = None) -> BackendConnection:
+    """Connect, (send ``preamble``: a PROXY header), read the greeting, say EHLO (and STARTTLS, then
+    EHLO again, when ``tls`` says so); raises BackendError on any failure."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeouts.connect):
@@ -246,10 +258,41 @@ async def open_connection(host: str, port: int, *, server_name: str, helo_name: 
         reply = await conn.ehlo(helo_name)
         if reply.code != 250:
             raise BackendUnavailable(f"{server_name}: EHLO refused with {reply}")
+        if tls is not None:
+            await _starttls(conn, loop, tls, host, helo_name, timeouts)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+async def _starttls(conn: BackendConnection, loop, tls: BackendTls, host: str, helo_name: str,
+                    timeouts: Timeouts) -> None:
+    name = conn.server_name
+    if "STARTTLS" not in conn.extensions:
+        if tls.required:
+            raise BackendUnavailable(f"{name}: STARTTLS required but not offered")
+        return
+    reply = await conn.command(b"STARTTLS\r\n")
+    if reply.code != 220:
+        if tls.required:
+            raise BackendUnavailable(f"{name}: STARTTLS refused with {reply}")
+        return
+    assert conn.transport is not None
+    try:
+        async with asyncio.timeout(timeouts.greeting):
+            transport = await loop.start_tls(conn.transport, conn, tls.context,
+                                             server_hostname=tls.server_name or host)
+    except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        raise BackendUnavailable(f"{name}: TLS handshake failed: {exc}") from exc
+    if transport is None:
+        raise BackendUnavailable(f"{name}: connection lost during the TLS handshake")
+    conn.transport = transport  # type: ignore[assignment]
+    conn.tls = True
+    # RFC 3207 4.2: what was learned in plaintext is forgotten; ask again.
+    reply = await conn.ehlo(helo_name)
+    if reply.code != 250:
+        raise BackendUnavailable(f"{name}: EHLO after STARTTLS refused with {reply}")
 
 
 class ConnectionPool:

@@ -28,7 +28,8 @@ def postfix(lab: Lab):
             pytest.fail("Postfix needs root and dpkg-deb here; CI is set: this test must run")
         pytest.skip("Postfix needs root and dpkg-deb")
     peer = Postfix()
-    peer.extra_main_cf = "smtpd_authorized_xclient_hosts = 127.0.0.0/8\n"
+    peer.extra_main_cf = ("smtpd_authorized_xclient_hosts = 127.0.0.0/8\n"
+                          "smtpd_authorized_xforward_hosts = 127.0.0.0/8\n")
     try:
         peer.prepare(DEFAULT_CACHE)
     except Unavailable as exc:
@@ -58,3 +59,17 @@ def test_postfix_logs_the_client_vipd_names_with_xclient(lab: Lab, postfix) -> N
     assert wait_for(lambda: sink.messages(), timeout=30, what="delivery behind Postfix")
     # One grep follows the message: vipd logs Postfix's queue id beside its own.
     wait_for(lambda: f":{queue_id}" in vipd.log(), what="vipd's log to name Postfix's queue id")
+
+
+def test_postfix_records_the_client_vipd_forwards_with_xforward(lab: Lab, postfix) -> None:
+    peer, endpoint, sink, maillog = postfix
+    server = type("S", (), {"address": f"127.0.0.1:{endpoint.port}"})()
+    vipd = lab.vipd(pool_config(server, extra_pool='identity = "xforward"'))
+    with smtplib.SMTP("127.0.0.1", vipd.port(), local_hostname="client.test", timeout=30,
+                      source_address=(CLIENT, 0)) as s:
+        s.sendmail("a@example.org", ["b@example.com"], b"Subject: xforward\r\n\r\nhello\r\n")
+    assert wait_for(lambda: sink.messages(), timeout=30, what="delivery behind Postfix")
+    # XFORWARD leaves the connection's own client in Postfix's log and names the original beside it.
+    wait_for(lambda: maillog.exists() and re.search(
+        rf"postfix/smtpd\[\d+\]: \w+: client=\S*\[127\.0\.0\.1\], orig_client=\S*\[{re.escape(CLIENT)}\]",
+        maillog.read_text(errors="replace")), timeout=30, what="Postfix's log line")

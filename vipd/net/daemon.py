@@ -387,10 +387,12 @@ class Daemon:
     async def run(self) -> None:
         """Run until stopped by a signal; then drain and clean up."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Handlers before the listeners: once "listening" is logged, a signal must not find the
+        # default action (which would kill the daemon on SIGHUP).
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        await self.start()
         if self.worker is not None and self.run_dir is not None:
             # The handler first, then the first read: a change published in between is not missed.
             loop.add_signal_handler(signal.SIGUSR1, self.apply_control)

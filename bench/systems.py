@@ -60,12 +60,16 @@ class Baseline(System):
 
 
 class Vipd(System):
-    def __init__(self, workers: int, max_sessions: int | None = None) -> None:
-        """``max_sessions``: the VIP's cap on sessions (vipd's default when None; bench.idle raises it)."""
+    def __init__(self, workers: int, max_sessions: int | None = None, queued: bool = False) -> None:
+        """``max_sessions``: the VIP's cap on sessions (vipd's default when None; bench.idle raises it).
+        ``queued``: every message goes through the durable queue (fsynced, then delivered by the queue
+        runner): the cost of the failover path, as when a pool is held and then released."""
         self.workers = workers
         self.max_sessions = max_sessions
-        self.name = f"vipd-{workers}w"
-        self.description = f"vipd from this checkout, {workers} worker{'s' if workers > 1 else ''}"
+        self.queued = queued
+        self.name = f"vipd-{workers}w" + ("-queued" if queued else "")
+        self.description = (f"vipd from this checkout, {workers} worker{'s' if workers > 1 else ''}"
+                            + (", every message through the durable queue" if queued else ""))
         self._daemon: Daemon | None = None
 
     def prepare(self, cache: Path) -> None:
@@ -88,22 +92,26 @@ class Vipd(System):
         servers = ", ".join(f'"{sink}"' for sink in sinks)
         cap = "" if self.max_sessions is None else f"max_sessions = {self.max_sessions}\n"
         path = workdir / "vipd.toml"
+        # queue_load below any load average: accept, fsync into the spool, deliver from the queue.
+        spool = 'spool_dir = "spool"\n' if self.queued else ""
+        queue = "\n[queue]\nretry_min_seconds = 0.05\nconcurrency = 50\n" if self.queued else ""
+        vip_queue = "queue_load = 0.000001\n" if self.queued else ""
         path.write_text(f"""\
 workers = {self.workers}
 grace_seconds = 2.0
-
+{spool}
 [vip.bench]
 listen = ["127.0.0.1:0"]
 hostname = "vipd.bench.test"
 default_pool = "sinks"
 trusted_networks = ["127.0.0.0/8"]   # the load generator relays to any domain
 max_sessions_per_client = 0          # one client address opens every session here
-{cap}
+{cap}{vip_queue}
 [pool.sinks]
 balance = "roundrobin"
 servers = [{servers}]
 identity = "none"
-""")
+{queue}""")
         return path
 
     def pids(self) -> list[int]:
@@ -141,4 +149,4 @@ def peers() -> list[System]:
 
 def core_systems() -> list[System]:
     """The systems of this module: baseline, vipd-1w, vipd-2w."""
-    return [Baseline(), Vipd(1), Vipd(2)]
+    return [Baseline(), Vipd(1), Vipd(2), Vipd(1, queued=True)]

@@ -1,0 +1,114 @@
+"""``python -m backends.content``: the content-security layer's backend: scan, then relay on.
+
+Each message is scanned before it is forwarded (in-line, like backends.relay: the client hears 250
+only after the next hop's 250): by the built-in scanner (the EICAR test file in any MIME part) and,
+when ``--clamd`` is given, by clamd over INSTREAM. An infected message is refused with ``554 5.7.1``,
+or kept in ``--quarantine DIR`` and accepted (the sender is not told), per configuration. A message
+that cannot be scanned (the scanner's limits, clamd down) is deferred with ``451 4.7.0`` rather than
+passed unscanned: a security layer that fails open is no layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import sys
+import time
+from pathlib import Path
+
+from vipd.smtp.replies import Reply
+
+from .clamd import ClamdError, clamd_scan
+from .relay import RelayApp
+from .scanner import scan_message
+from .smtpd import Envelope, parse_listen, run_forever
+
+__all__ = ["ContentApp", "main"]
+
+UNSCANNED = Reply(451, "4.7.0", "Message could not be scanned, try again later")
+
+
+class ContentApp(RelayApp):
+    def __init__(self, next_hop: str, *, hostname: str, clamd: str | None = None,
+                 quarantine: Path | None = None, **kw) -> None:
+        super().__init__(next_hop, hostname=hostname, **kw)
+        self.clamd = clamd
+        self.quarantine = quarantine
+
+    async def message(self, env: Envelope, body: bytes) -> Reply:  # type: ignore[override]
+        found, error = await self.scan(body)
+        if error is not None:
+            self._say(env, "unscanned", error)
+            return UNSCANNED
+        if found is not None:
+            self._say(env, "infected", found)
+            if self.quarantine is not None:
+                path = await asyncio.to_thread(self._keep, env, body)
+                return Reply(250, "2.0.0", f"Ok: quarantined as {path.name}")
+            return Reply(554, "5.7.1", f"Message refused: virus found: {found}")
+        return await super().message(env, body)
+
+    async def scan(self, body: bytes) -> tuple[str | None, str | None]:
+        """(the name of what was found, or None; why it could not be scanned, or None)."""
+        verdict = scan_message(body)
+        if verdict.infected:
+            return verdict.name, None
+        if verdict.error is not None:
+            return None, verdict.error
+        if self.clamd is None:
+            return None, None
+        where = _clamd_address(self.clamd)
+        try:
+            result = await clamd_scan(body, **where)
+        except ClamdError as exc:
+            return None, f"clamd: {exc}"
+        return (result.name, None) if result.infected else (None, None)
+
+    def _keep(self, env: Envelope, body: bytes) -> Path:
+        assert self.quarantine is not None
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        path = self.quarantine / f"{time.time_ns():x}-{os.getpid()}.eml"
+        head = f"X-Quarantine-Sender: <{env.sender}>\r\nX-Quarantine-Recipients: {', '.join(env.recipients)}\r\n"
+        path.write_bytes(head.encode() + body)
+        return path
+
+    def _say(self, env: Envelope, what: str, detail: str) -> None:
+        if not self.quiet:
+            print(f"{what} from=<{env.sender}> to={','.join(env.recipients)} client={env.client_ip} "
+                  f"detail=\"{detail}\"", flush=True)
+
+
+def _clamd_address(text: str) -> dict:
+    """``unix:/path`` or ``HOST:PORT``."""
+    if text.startswith("unix:"):
+        return {"unix_path": text[5:]}
+    host, port = parse_listen(text)
+    return {"host": host, "port": port}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m backends.content", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
+    p.add_argument("--next", required=True, metavar="HOST:PORT", help="the next hop")
+    p.add_argument("--hostname", default="content.vipd.test")
+    p.add_argument("--clamd", metavar="unix:PATH|HOST:PORT", help="also scan with this clamd")
+    p.add_argument("--quarantine", type=Path, metavar="DIR", help="keep infected mail here and accept it")
+    p.add_argument("--xclient-from", action="append", default=[], metavar="CIDR")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    nets = tuple(ipaddress.ip_network(n, strict=False) for n in args.xclient_from)
+    app = ContentApp(args.next, hostname=args.hostname, clamd=args.clamd, quarantine=args.quarantine,
+                     xclient_from=nets, timeout=args.timeout, quiet=args.quiet)
+    run_forever(app, args.listen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -250,3 +250,19 @@ def test_unknown_helo_refused_when_asked(lab, dns):
         code, text = smtp.docmd("EHLO nowhere.bad.example")
         assert code == 450 and text.startswith(b"4.7.1"), (code, text)
         assert smtp.docmd("EHLO helo.good.example")[0] == 250
+
+
+def test_a_refused_ehlo_mid_transaction_keeps_the_transaction(lab, dns):
+    # RFC 5321 4.1.4: only an accepted EHLO resets; a refused one leaves the transaction as it was.
+    sink = lab.sink("a")
+    vipd = lab.vipd(_config(sink, dns))
+    with _client(vipd, CLEAN) as s:
+        s.ehlo()
+        assert s.mail("a@good.example")[0] == 250
+        assert s.rcpt("b@example.com")[0] == 250
+        code, _ = s.docmd("EHLO", "mx.vipd.test")        # our own name: refused
+        assert code >= 500
+        assert s.rcpt("c@example.com")[0] == 250
+        assert s.data(b"Subject: kept\r\n\r\nstill one transaction\r\n")[0] == 250
+    assert wait_for(lambda: sink.messages())[0].envelope["rcpt_to"] == ["b@example.com", "c@example.com"]
+    assert "internal error" not in vipd.log()

@@ -367,8 +367,6 @@ class Session(asyncio.Protocol):
 
     # --- envelope ----------------------------------------------------------------------------
     def _helo(self, event: Helo | Ehlo) -> Reply | Pending:
-        # RFC 5321 4.1.4: a new EHLO/HELO ends any transaction in progress, as RSET would.
-        self._end_transaction("abandoned")
         verdict = self.screen.helo(event.domain) if self.screen is not None else ACCEPT
         if isinstance(verdict, Verdict):
             return self._helo_verdict(event, verdict)
@@ -376,7 +374,10 @@ class Session(asyncio.Protocol):
 
     def _helo_verdict(self, event: Helo | Ehlo, verdict: Verdict) -> Reply:
         if verdict.refuses:
+            # A refused EHLO changes nothing (the machine keeps the transaction, RFC 5321 4.1.4).
             return self._refuse(verdict, helo=event.domain)
+        # RFC 5321 4.1.4: an accepted EHLO/HELO ends any transaction in progress, as RSET would.
+        self._end_transaction("abandoned")
         self._count_verdict(verdict, "helo")
         if type(event) is Helo:
             return replies.helo_reply(self.vip.hostname)

@@ -257,7 +257,10 @@ class ChunkReader:
             self._at_line_start = seg.endswith(b"\n")
             self._ended = view.endswith(b"\r\n")
         if final and not self._ended:
-            out += b"\r\n"                  # DATA needs CRLF before the final dot
+            # DATA needs CRLF before the final dot; the line it ends must still fit with it.
+            if self.max_line and not self._long and self._line_len + 2 > self.max_line:
+                self._long = True
+            out += b"\r\n"
         return out
 
     def _too_long(self, seg: bytes) -> bool:

@@ -182,6 +182,8 @@ class ServerConnection:
     # --- input -------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         if data:
+            if self.state is State.CLOSED:
+                return          # nothing more will be read: holding it would only grow memory
             self._buf += data
         else:
             self._eof = True

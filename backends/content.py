@@ -20,10 +20,13 @@ from pathlib import Path
 
 from vipd.smtp.replies import Reply
 
+from vipd.routing import load_routes
+
 from .clamd import ClamdError, clamd_scan
+from .delivery import DeliveryApp, _hop
 from .relay import RelayApp
 from .scanner import scan_message
-from .smtpd import Envelope, parse_listen, run_forever
+from .smtpd import App, Envelope, parse_listen, run_forever
 
 __all__ = ["ContentApp", "main"]
 
@@ -31,11 +34,17 @@ UNSCANNED = Reply(451, "4.7.0", "Message could not be scanned, try again later")
 
 
 class ContentApp(RelayApp):
-    def __init__(self, next_hop: str, *, hostname: str, clamd: str | None = None,
-                 quarantine: Path | None = None, **kw) -> None:
-        super().__init__(next_hop, hostname=hostname, **kw)
+    def __init__(self, next_hop: str | None, *, hostname: str, clamd: str | None = None,
+                 quarantine: Path | None = None, router: App | None = None, **kw) -> None:
+        """``router``: deliver by mailertable after scanning (a combined content + delivery layer)
+        instead of relaying everything to ``next_hop``."""
+        super().__init__(next_hop or "127.0.0.1:0", hostname=hostname, **kw)
         self.clamd = clamd
         self.quarantine = quarantine
+        self.router = router
+
+    def rcpt(self, env: Envelope, rcpt):  # type: ignore[override]
+        return self.router.rcpt(env, rcpt) if self.router is not None else super().rcpt(env, rcpt)
 
     async def message(self, env: Envelope, body: bytes) -> Reply:  # type: ignore[override]
         found, error = await self.scan(body)
@@ -48,6 +57,8 @@ class ContentApp(RelayApp):
                 path = await asyncio.to_thread(self._keep, env, body)
                 return Reply(250, "2.0.0", f"Ok: quarantined as {path.name}")
             return Reply(554, "5.7.1", f"Message refused: virus found: {found}")
+        if self.router is not None:
+            return await self.router.message(env, body)  # type: ignore[misc]
         return await super().message(env, body)
 
     async def scan(self, body: bytes) -> tuple[str | None, str | None]:
@@ -91,7 +102,9 @@ def _clamd_address(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backends.content", description=__doc__.splitlines()[0])
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
-    p.add_argument("--next", required=True, metavar="HOST:PORT", help="the next hop")
+    p.add_argument("--next", metavar="HOST:PORT", help="the next hop (or route with --mailertable)")
+    p.add_argument("--mailertable", type=Path, help="deliver by this mailertable after scanning")
+    p.add_argument("--hop", action="append", type=_hop, default=[], metavar="NAME=HOST:PORT")
     p.add_argument("--hostname", default="content.vipd.test")
     p.add_argument("--clamd", metavar="unix:PATH|HOST:PORT", help="also scan with this clamd")
     p.add_argument("--quarantine", type=Path, metavar="DIR", help="keep infected mail here and accept it")
@@ -102,10 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.next is None) == (args.mailertable is None):
+        parser.error("give --next or --mailertable (with --hop)")
     nets = tuple(ipaddress.ip_network(n, strict=False) for n in args.xclient_from)
+    router = None
+    if args.mailertable is not None:
+        try:
+            router = DeliveryApp(load_routes(args.mailertable), dict(args.hop), hostname=args.hostname,
+                                 timeout=args.timeout, quiet=args.quiet)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
     app = ContentApp(args.next, hostname=args.hostname, clamd=args.clamd, quarantine=args.quarantine,
-                     xclient_from=nets, timeout=args.timeout, quiet=args.quiet)
+                     router=router, xclient_from=nets, timeout=args.timeout, quiet=args.quiet)
     run_forever(app, args.listen)
     return 0
 

@@ -1,0 +1,1 @@
+"""End-to-end tests: whole topologies of real processes."""

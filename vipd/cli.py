@@ -78,6 +78,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    if args.scenario:
+        if args.backends != "python":
+            print("vipd lab: --backends sendmail is not wired into the lab yet; use python", file=sys.stderr)
+            return 2
+        _loop_policy(not args.no_uvloop)
+        from .lab_scenarios import run_scenario_lab
+        return run_scenario_lab(args.scenario, Path(args.dir) if args.dir else None, args.once)
     from .lab import run_lab
     _loop_policy(not args.no_uvloop)
     return run_lab(port=args.port, workdir=Path(args.dir) if args.dir else None,
@@ -102,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
     lab = sub.add_parser("lab", help="a VIP on loopback before two sink backends, with a sample message")
+    lab.add_argument("scenario", nargs="?", help="scenario1, scenario2 or scenario3 (the email DMZ's designs); "
+                                                 "none: one VIP before two sinks")
+    lab.add_argument("--backends", choices=["python", "sendmail"], default="python")
     lab.add_argument("--port", type=int, default=2525, help="VIP port (default 2525; any free port if taken)")
     lab.add_argument("--dir", help="working folder (default: a new temporary one)")
     lab.add_argument("--once", action="store_true", help="send the sample, show it, and stop")

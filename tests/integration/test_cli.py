@@ -70,3 +70,16 @@ def test_vipctl_show_reads_the_admin_listener(lab):
     assert "pool incoming (roundrobin): 1/1 usable" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.strip().startswith(a.address))
     assert row.split()[1:4] == [a.address, "UP", "ready"]
+
+
+def test_lab_scenario2_once_crosses_every_layer_and_stops_everything(tmp_path):
+    out = subprocess.run([PYTHON, "-m", "vipd", "lab", "scenario2", "--once", "--dir", str(tmp_path / "lab")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = next(line for line in out.stdout.splitlines() if "VIP" in line)
+    assert "Internet-facing VIP (mx): 127.0.0.1:" in first          # the entry point comes first
+    assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
+    assert list((tmp_path / "lab" / "gateway").glob("*.eml"))
+    assert "stopped vipd and 8 backends and sinks" in out.stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps

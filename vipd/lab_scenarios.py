@@ -1,0 +1,146 @@
+"""``vipd lab SCENARIO``: one of the email DMZ's three designs on loopback, with Python backends.
+
+Starts a sink as the internal gateway and one as the outbound next hop, two Python backends per layer
+(vipd.topology says what each runs), and one vipd with a VIP per layer; prints the entry points (the
+Internet-facing VIP first) and how to send; runs until Ctrl-C (or, with ``--once``, sends a sample and
+stops); stops every process it started, also on error. Mail for ``example.com`` is accepted from
+anyone, without outside DNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .topology import DESCRIPTIONS, INTERNAL_DOMAIN, SCENARIOS, backend_command, vipd_config, write_maps
+
+__all__ = ["run_scenario_lab"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(workdir: Path, name: str, cmd: list[str]) -> tuple[subprocess.Popen, int]:
+    """Start a backend or sink on port 0; its process and the port it printed."""
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on [\d.]+:(\d+)", log_path.read_text(errors="replace"))
+        if match:
+            return proc, int(match.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
+
+
+def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = False) -> int:
+    from . import config as config_mod
+    from .net.daemon import Daemon
+
+    if scenario not in SCENARIOS:
+        print(f"lab: unknown scenario {scenario!r}; known: {', '.join(sorted(SCENARIOS))}", file=sys.stderr)
+        return 2
+    workdir = Path(workdir or tempfile.mkdtemp(prefix=f"vipd-lab-{scenario}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        layers = SCENARIOS[scenario]
+        vip_ports = {layer.name: _free_port() for layer in layers}
+        sinks = {}
+        for name in ("gateway", "outbound"):
+            proc, port = _spawn(workdir, name, [sys.executable, "-m", "backends.sink", "--listen", "127.0.0.1:0",
+                                                "--store", str(workdir / name), "--name", name])
+            procs.append(proc)
+            sinks[name] = f"127.0.0.1:{port}"
+        maps = write_maps(workdir / "maps")
+        ports: dict[str, list[int]] = {}
+        for layer in layers:
+            for i in range(layer.servers):
+                proc, port = _spawn(workdir, f"{layer.name}{i + 1}",
+                                    backend_command(scenario, layer.name, i, 0, vip_ports, sinks, maps))
+                procs.append(proc)
+                ports.setdefault(layer.name, []).append(port)
+        cfg_path = workdir / "vipd.toml"
+        cfg_path.write_text(f"# Written by `vipd lab {scenario}`: {DESCRIPTIONS[scenario]}.\n"
+                            + vipd_config(scenario, vip_ports, ports, maps=maps, spool_dir=workdir / "spool"))
+        cfg = config_mod.load(cfg_path)
+
+        async def main() -> None:
+            daemon = Daemon(cfg)
+            task = asyncio.ensure_future(daemon.run())
+            while "admin" not in daemon.bound and not task.done():
+                await asyncio.sleep(0.02)
+            if task.done():
+                await task
+                return
+            _explain(scenario, workdir, vip_ports, sinks, daemon.bound.get("admin", [("", 0)])[0][1])
+            if once:
+                code = await asyncio.to_thread(_send_sample, vip_ports["mx"])
+                landed = await asyncio.to_thread(_wait_landed, workdir / "gateway")
+                print(f"lab: sample through every layer: {code}; at the gateway: {landed or 'nothing yet'}",
+                      flush=True)
+                daemon.request_stop()
+            await task
+
+        asyncio.run(main())
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        print(f"lab: stopped vipd and {len(procs)} backends and sinks; files kept in {workdir}", flush=True)
+    return 0
+
+
+def _send_sample(port: int) -> str:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.outside.test", timeout=60) as s:
+        s.sendmail("someone@outside.test", [f"postmaster@{INTERNAL_DOMAIN}"],
+                   f"From: someone@outside.test\r\nTo: postmaster@{INTERNAL_DOMAIN}\r\n"
+                   "Subject: through the DMZ\r\n\r\nIncoming, content security, delivery.\r\n")
+        return "250"
+
+
+def _wait_landed(folder: Path) -> str | None:
+    for _ in range(300):
+        found = sorted(folder.glob("*.eml")) if folder.exists() else []
+        if found:
+            return str(found[0])
+        time.sleep(0.02)
+    return None
+
+
+def _explain(scenario: str, workdir: Path, vip_ports: dict[str, int], sinks: dict[str, str], admin: int) -> None:
+    print(f"\nlab {scenario}: {DESCRIPTIONS[scenario]}")
+    print(f"  Internet-facing VIP (mx): 127.0.0.1:{vip_ports['mx']}")
+    for name, port in vip_ports.items():
+        if name != "mx":
+            print(f"  {name} VIP: 127.0.0.1:{port}" + ("   (internal hosts submit here)" if name == "content" else ""))
+    print(f"  internal gateway sink: {sinks['gateway']} (files in {workdir / 'gateway'})")
+    print(f"  outbound next hop sink: {sinks['outbound']} (files in {workdir / 'outbound'})")
+    print(f"  status page: http://127.0.0.1:{admin}/   vipctl --admin http://127.0.0.1:{admin} show")
+    print(f"Send: swaks --server 127.0.0.1:{vip_ports['mx']} --from you@outside.test --to user@{INTERNAL_DOMAIN}")
+    print("Ctrl-C stops the lab.", flush=True)

@@ -79,12 +79,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     if args.scenario:
-        if args.backends != "python":
-            print("vipd lab: --backends sendmail is not wired into the lab yet; use python", file=sys.stderr)
-            return 2
         _loop_policy(not args.no_uvloop)
         from .lab_scenarios import run_scenario_lab
-        return run_scenario_lab(args.scenario, Path(args.dir) if args.dir else None, args.once)
+        return run_scenario_lab(args.scenario, Path(args.dir) if args.dir else None, args.once, args.backends)
     from .lab import run_lab
     _loop_policy(not args.no_uvloop)
     return run_lab(port=args.port, workdir=Path(args.dir) if args.dir else None,

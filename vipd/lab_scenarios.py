@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .topology import DESCRIPTIONS, INTERNAL_DOMAIN, SCENARIOS, backend_command, vipd_config, write_maps
 
-__all__ = ["run_scenario_lab"]
+__all__ = ["run_scenario_lab", "start_sendmail_backend"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,30 @@ def _spawn(workdir: Path, name: str, cmd: list[str]) -> tuple[subprocess.Popen, 
     raise RuntimeError(f"{name} did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
 
 
-def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = False) -> int:
+# Names the lab's sendmails must resolve without DNS (senders' domains, our own).
+_SENDMAIL_HOSTS = {"outside.test": "127.0.0.1", INTERNAL_DOMAIN: "127.0.0.1", "elsewhere.example": "127.0.0.1"}
+
+
+def start_sendmail_backend(workdir: Path, scenario: str, layer_name: str, index: int, vip_ports: dict[str, int],
+                    sinks: dict[str, str]):
+    """A real sendmail for an incoming or delivery layer (content security stays Python: it scans)."""
+    from backends.sendmail import SendmailInstance, free_port
+    names = [layer.name for layer in SCENARIOS[scenario]]
+    role = next(layer.role for layer in SCENARIOS[scenario] if layer.name == layer_name)
+    folder = workdir / f"{layer_name}{index + 1}"
+    if role == "incoming":
+        following = names[names.index(layer_name) + 1]
+        settings = {"smart_host": f"127.0.0.1:{vip_ports[following]}", "relay_domains": [INTERNAL_DOMAIN]}
+    else:
+        settings = {"mailertable": {INTERNAL_DOMAIN: sinks["gateway"]}, "smart_host": sinks["outbound"]}
+    instance = SendmailInstance(folder, role, free_port(), hostname=f"{layer_name}{index + 1}.dmz.vipd.test",
+                                hosts=_SENDMAIL_HOSTS, **settings)
+    instance.start()
+    return instance
+
+
+def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = False,
+                     backends: str = "python") -> int:
     from . import config as config_mod
     from .net.daemon import Daemon
 
@@ -61,7 +84,10 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
         return 2
     workdir = Path(workdir or tempfile.mkdtemp(prefix=f"vipd-lab-{scenario}-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if backends == "sendmail":
+        os.chmod(workdir, 0o755)     # sendmail's children run as "mail" and must reach their queues
     procs: list[subprocess.Popen] = []
+    sendmails: list = []
     try:
         layers = SCENARIOS[scenario]
         vip_ports = {layer.name: _free_port() for layer in layers}
@@ -75,6 +101,11 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
         ports: dict[str, list[int]] = {}
         for layer in layers:
             for i in range(layer.servers):
+                if backends == "sendmail" and layer.role in ("incoming", "delivery"):
+                    instance = start_sendmail_backend(workdir, scenario, layer.name, i, vip_ports, sinks)
+                    sendmails.append(instance)
+                    ports.setdefault(layer.name, []).append(instance.port)
+                    continue
                 proc, port = _spawn(workdir, f"{layer.name}{i + 1}",
                                     backend_command(scenario, layer.name, i, 0, vip_ports, sinks, maps))
                 procs.append(proc)
@@ -103,6 +134,11 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
 
         asyncio.run(main())
     finally:
+        for instance in sendmails:
+            try:
+                instance.stop()
+            except Exception as exc:  # noqa: BLE001 - the others must still be stopped
+                print(f"lab: stopping a sendmail failed: {exc}", file=sys.stderr)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -112,7 +148,8 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        print(f"lab: stopped vipd and {len(procs)} backends and sinks; files kept in {workdir}", flush=True)
+        print(f"lab: stopped vipd and {len(procs) + len(sendmails)} backends and sinks"
+              + (f" ({len(sendmails)} sendmail)" if sendmails else "") + f"; files kept in {workdir}", flush=True)
     return 0
 
 

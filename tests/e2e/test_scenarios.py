@@ -1,9 +1,11 @@
-"""The three switched designs end to end, with the project's Python backends: every layer a pool of
-real backend processes behind its own VIP of one real vipd, a sink as the internal gateway and one as
-the outbound next hop."""
+"""The three switched designs end to end: every layer a pool of real backends behind its own VIP of one
+real vipd, a sink as the internal gateway and one as the outbound next hop. Each test runs with the
+project's Python backends, and with real sendmail for the incoming and delivery layers (content
+security stays the Python scanner: it is the part that scans)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
@@ -11,12 +13,14 @@ import socket
 import threading
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from email.policy import SMTP
 
 import pytest
 
 from backends.scanner import EICAR
 from support import Lab, Sink, Vipd, proc_check, start, wait_for
+from vipd.lab_scenarios import start_sendmail_backend
 from vipd.topology import INTERNAL_DOMAIN, SCENARIOS, backend_command, vipd_config, write_maps
 
 OUTSIDE = "127.0.0.50"          # an Internet client
@@ -32,6 +36,7 @@ def free_port() -> int:
 @dataclass
 class Topology:
     scenario: str
+    kind: str
     vipd: Vipd
     vip_ports: dict[str, int]
     gateway: Sink
@@ -39,8 +44,19 @@ class Topology:
     backends: dict[str, list]
 
 
-def bring_up(lab: Lab, scenario: str) -> Topology:
+def bring_up(lab: Lab, scenario: str, kind: str = "python") -> Topology:
     layers = SCENARIOS[scenario]
+    if kind == "sendmail":
+        from backends.sendmail import missing
+        if missing():
+            if os.environ.get("CI"):
+                pytest.fail(f"sendmail cannot run here (missing: {missing()})")
+            pytest.skip(f"sendmail cannot run here (missing: {missing()})")
+        os.chmod(lab.tmp, 0o755)        # sendmail's children run as "mail"
+        for parent in lab.tmp.parents:
+            if parent == Path("/tmp") or parent == Path("/"):
+                break
+            os.chmod(parent, parent.stat().st_mode | 0o005)
     vip_ports = {layer.name: free_port() for layer in layers}
     gateway, outbound = lab.sink("gateway"), lab.sink("outbound")
     maps = write_maps(lab.tmp / "maps")
@@ -49,6 +65,12 @@ def bring_up(lab: Lab, scenario: str) -> Topology:
     procs: dict[str, list] = {}
     for layer in layers:
         for i in range(layer.servers):
+            if kind == "sendmail" and layer.role in ("incoming", "delivery"):
+                instance = start_sendmail_backend(lab.tmp, scenario, layer.name, i, vip_ports, sinks)
+                lab.procs.append(_Stopper(instance))
+                ports.setdefault(layer.name, []).append(instance.port)
+                procs.setdefault(layer.name, []).append(instance)
+                continue
             cmd = backend_command(scenario, layer.name, i, 0, vip_ports, sinks, maps)
             proc = start(f"{layer.name}{i + 1}", cmd, lab.tmp / f"{layer.name}{i + 1}.log")
             lab.procs.append(proc)
@@ -58,7 +80,17 @@ def bring_up(lab: Lab, scenario: str) -> Topology:
             procs.setdefault(layer.name, []).append(proc)
     text = vipd_config(scenario, vip_ports, ports, maps=maps)
     vipd = lab.vipd(text, vips=tuple(layer.name for layer in layers))
-    return Topology(scenario, vipd, vip_ports, gateway, outbound, procs)
+    return Topology(scenario, kind, vipd, vip_ports, gateway, outbound, procs)
+
+
+class _Stopper:
+    """Lets Lab.close() stop a sendmail instance like its other processes."""
+
+    def __init__(self, instance) -> None:
+        self.instance = instance
+
+    def stop(self) -> None:
+        self.instance.stop()
 
 
 def client(port: int, source: str) -> smtplib.SMTP:
@@ -87,9 +119,10 @@ def send(port: int, source: str, sender: str, rcpt: str, data: bytes) -> tuple[i
         return s.data(data)
 
 
-@pytest.fixture(params=sorted(SCENARIOS))
+@pytest.fixture(params=[(s, k) for k in ("python", "sendmail") for s in sorted(SCENARIOS)],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def topology(request, lab: Lab) -> Topology:
-    return bring_up(lab, request.param)
+    return bring_up(lab, *request.param)
 
 
 def test_inbound_mail_crosses_every_layer_to_the_gateway(topology: Topology) -> None:
@@ -112,7 +145,10 @@ def test_eicar_is_stopped_at_the_content_layer_clean_mail_passes(topology: Topol
     port = topology.vip_ports["mx"]
     for data in (message("plain", body=EICAR.decode()), message("attached", attachment=EICAR)):
         code, text = send(port, OUTSIDE, "someone@outside.test", f"user@{INTERNAL_DOMAIN}", data)
-        assert (code, text[:5]) == (554, b"5.7.1"), text
+        if topology.kind == "python":
+            assert (code, text[:5]) == (554, b"5.7.1"), text      # in-line: the client hears the verdict
+        else:
+            assert code == 250       # a sendmail incoming layer queues first; content security stops it later
     assert send(port, OUTSIDE, "someone@outside.test", f"user@{INTERNAL_DOMAIN}", message("clean"))[0] == 250
     stored = wait_for(lambda: topology.gateway.messages(), what="the clean message")
     assert len(stored) == 1 and b"Subject: clean" in stored[0].body
@@ -141,6 +177,8 @@ def test_outbound_mail_from_an_internal_host_is_scanned_and_leaves(topology: Top
 
 
 def test_killing_a_server_of_each_pool_loses_no_acknowledged_message(topology: Topology) -> None:
+    if topology.kind == "sendmail":
+        pytest.skip("a killed sendmail keeps what it queued until it runs again: see the Python runs")
     acked: list[str] = []
     stop = threading.Event()
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from support import PYTHON, ROOT
 
@@ -83,3 +88,23 @@ def test_lab_scenario2_once_crosses_every_layer_and_stops_everything(tmp_path):
     assert "stopped vipd and 8 backends and sinks" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
+
+
+def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp_path):
+    import os
+    from backends.sendmail import missing
+    if missing():
+        if os.environ.get("CI"):
+            pytest.fail(f"sendmail cannot run here (missing: {missing()})")
+        pytest.skip(f"sendmail cannot run here (missing: {missing()})")
+    workdir = Path(tempfile.mkdtemp(prefix="vipd-lab-test-"))    # not under pytest's 0700 folders
+    try:
+        out = subprocess.run([PYTHON, "-m", "vipd", "lab", "scenario2", "--backends", "sendmail", "--once",
+                              "--dir", str(workdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
+        assert "(4 sendmail)" in out.stdout
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(workdir) not in ps and "sendmail" not in ps.replace("sendmail-", "")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

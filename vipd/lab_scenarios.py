@@ -28,10 +28,18 @@ __all__ = ["run_scenario_lab", "start_sendmail_backend"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: all held open at once, so the kernel cannot hand out one twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 
 
 def _spawn(workdir: Path, name: str, cmd: list[str]) -> tuple[subprocess.Popen, int]:
@@ -90,7 +98,7 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
     sendmails: list = []
     try:
         layers = SCENARIOS[scenario]
-        vip_ports = {layer.name: _free_port() for layer in layers}
+        vip_ports = dict(zip((layer.name for layer in layers), free_ports(len(layers)), strict=True))
         sinks = {}
         for name in ("gateway", "outbound"):
             proc, port = _spawn(workdir, name, [sys.executable, "-m", "backends.sink", "--listen", "127.0.0.1:0",

@@ -20,17 +20,15 @@ import pytest
 
 from backends.scanner import EICAR
 from support import Lab, Sink, Vipd, proc_check, start, wait_for
-from vipd.lab_scenarios import start_sendmail_backend
+from vipd.lab_scenarios import free_ports, start_sendmail_backend
 from vipd.topology import INTERNAL_DOMAIN, SCENARIOS, backend_command, vipd_config, write_maps
 
 OUTSIDE = "127.0.0.50"          # an Internet client
 INSIDE = "127.0.0.60"           # an internal host (submits to the content VIP)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+
 
 
 @dataclass
@@ -57,7 +55,7 @@ def bring_up(lab: Lab, scenario: str, kind: str = "python") -> Topology:
             if parent == Path("/tmp") or parent == Path("/"):
                 break
             os.chmod(parent, parent.stat().st_mode | 0o005)
-    vip_ports = {layer.name: free_port() for layer in layers}
+    vip_ports = dict(zip((layer.name for layer in layers), free_ports(len(layers)), strict=True))
     gateway, outbound = lab.sink("gateway"), lab.sink("outbound")
     maps = write_maps(lab.tmp / "maps")
     sinks = {"gateway": gateway.address, "outbound": outbound.address}

@@ -181,7 +181,7 @@ def test_kill_9_while_20_clients_send_then_restart(lab: Lab) -> None:
     assert set(got) <= set(senders.replies)
     assert set(got.values()) == {1}
     wait_for(lambda: not queue_files(lab), what="the queue to empty")
-    assert "queue recovered" in again.log()
+    wait_for(lambda: "queue recovered" in again.log(), what="the log line")
 
 
 def test_a_full_spool_gets_452_and_never_250(lab: Lab) -> None:

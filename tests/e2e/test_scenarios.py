@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import threading
 from dataclasses import dataclass
 from email.message import EmailMessage

@@ -116,7 +116,12 @@ class Spool:
         final = self.queue / f"{envelope.id}.msg"
         written = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                # Our temp folder went away (a sibling's recovery racing our start): make it again.
+                self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "wb", closefd=False) as out:
                     out.write(envelope.to_json().encode() + b"\n")

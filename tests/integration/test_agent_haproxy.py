@@ -11,15 +11,13 @@ import csv
 import io
 import os
 import re
-import shutil
 import smtplib
 import socket
-import subprocess
 from pathlib import Path
 
-import pytest
 
-from support import PYTHON, Proc, Sink, proc_check, start, wait_for
+from haproxy_lab import start_haproxy
+from support import PYTHON, Sink, proc_check, start, wait_for
 
 QUEUE_LOAD = 8.0
 REFUSE_LOAD = 12.0
@@ -31,17 +29,6 @@ LOW_B, WEIGHT_B = 4.0, 50
 # srv_op_state and srv_admin_state in "show servers state" (HAProxy's enum srv_state and SRV_ADMF_*).
 OP_STOPPED, OP_RUNNING = 0, 2
 ADMF_FDRAIN = 0x08
-
-
-def find_haproxy() -> str:
-    # /usr/sbin is not on every user's PATH, and that is where Debian puts it.
-    found = shutil.which("haproxy", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-    if found:
-        return found
-    reason = "haproxy is not installed (Debian package haproxy)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set: this test must run")
-    pytest.skip(reason)
 
 
 def write_load(path: Path, load: float) -> None:
@@ -64,22 +51,13 @@ def start_agent(lab, name: str, load_file: Path) -> int:
 class HAProxy:
     """HAProxy in the foreground before sinks a and b; its admin socket for reading server state."""
 
-    def __init__(self, lab, binary: str, sinks: dict[str, Sink], agent_ports: dict[str, int]) -> None:
-        tmp: Path = lab.tmp
-        self.stats = tmp / "haproxy.sock"
-        # HAProxy takes over an already bound and listening socket (fd@N): a free port with no window
-        # in which something else could take it between choosing and binding.
-        listener = socket.socket()
-        try:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(64)
-            self.port = listener.getsockname()[1]
-            servers = "\n".join(
-                f"    server {name} 127.0.0.1:{sink.port} weight 100 check inter 200ms"
-                f" agent-check agent-port {agent_ports[name]} agent-inter 200ms"
-                for name, sink in sinks.items())
-            config = tmp / "haproxy.cfg"
-            config.write_text(f"""\
+    def __init__(self, lab, sinks: dict[str, Sink], agent_ports: dict[str, int]) -> None:
+        self.stats = lab.tmp / "haproxy.sock"
+        servers = "\n".join(
+            f"    server {name} 127.0.0.1:{sink.port} weight 100 check inter 200ms"
+            f" agent-check agent-port {agent_ports[name]} agent-inter 200ms"
+            for name, sink in sinks.items())
+        self.proc, self.port = start_haproxy(lab, f"""\
 global
     stats socket {self.stats} mode 600 level admin
     nbthread 1
@@ -91,7 +69,7 @@ defaults
     timeout server 10s
 
 frontend smtp
-    bind fd@{listener.fileno()}
+    bind fd@{{fd}}
     default_backend sinks
 
 backend sinks
@@ -99,14 +77,6 @@ backend sinks
     option smtpchk
 {servers}
 """)
-            log = tmp / "haproxy.log"
-            with open(log, "wb") as fh:
-                popen = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, pass_fds=[listener.fileno()], cwd=tmp)
-        finally:
-            listener.close()
-        self.proc = Proc("haproxy", popen, log)
-        lab.procs.append(self.proc)
         wait_for(lambda: proc_check(self.proc) and self.stats.exists(), what="haproxy's stats socket")
 
     def command(self, line: str) -> str:
@@ -168,13 +138,12 @@ def landed(sinks: dict[str, Sink], tag: str) -> dict[str, int]:
 
 
 def test_haproxy_follows_the_load_agent(lab):
-    haproxy_binary = find_haproxy()
     sinks = {"a": lab.sink("a"), "b": lab.sink("b")}
     load_files = {name: lab.tmp / f"{name}.loadavg" for name in sinks}
     write_load(load_files["a"], LOW_A)
     write_load(load_files["b"], LOW_B)
     agent_ports = {name: start_agent(lab, name, load_files[name]) for name in sinks}
-    haproxy = HAProxy(lab, haproxy_binary, sinks, agent_ports)
+    haproxy = HAProxy(lab, sinks, agent_ports)
 
     # Low load on both: UP, weight = the agent's percentage of the configured 100, both get mail.
     up_a = dict(status="UP", op_state=OP_RUNNING, admin_state=0, weight=WEIGHT_A, uweight=WEIGHT_A,

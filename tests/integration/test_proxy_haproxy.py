@@ -9,31 +9,17 @@ there a missing haproxy fails.
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
 import socket
-import subprocess
 import threading
 
 import pytest
 
-from support import Proc
+import haproxy_lab
 from vipd.proxy import ProxyInfo, parse_proxy
 
 PAYLOAD = b"EHLO client.test\r\nQUIT\r\n"
 TLV_CRC32C, TLV_UNIQUE_ID = 0x03, 0x05
-
-
-def find_haproxy() -> str:
-    # /usr/sbin is not on every user's PATH, and that is where Debian puts it.
-    found = shutil.which("haproxy", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-    if found:
-        return found
-    reason = "haproxy is not installed (Debian package haproxy)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set: this test must run")
-    pytest.skip(reason)
 
 
 def loopback(family: socket.AddressFamily) -> str:
@@ -102,45 +88,16 @@ def recorder():
 def start_haproxy(lab, recorder: Recorder, family: socket.AddressFamily, server_options: str,
                   frontend_extra: str = "") -> tuple[str, int]:
     """HAProxy before the recorder; returns the (host, port) clients connect to. Stopped by PID by ``lab``."""
-    binary = find_haproxy()
     host = loopback(family)
-    config = lab.tmp / "haproxy.cfg"
-    # HAProxy takes over an already bound and listening socket (fd@N): a free port with no window
-    # in which something else could take it between choosing and binding.
-    listener = socket.socket(family)
-    try:
-        listener.bind((host, 0))
-        listener.listen(16)
-        port = listener.getsockname()[1]
-        config.write_text(f"""\
-global
-    nbthread 1
-
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-
+    _, port = haproxy_lab.start_haproxy(lab, f"""{haproxy_lab.DEFAULTS}
 frontend smtp
-    bind fd@{listener.fileno()}
+    bind fd@{{fd}}
 {frontend_extra}
     default_backend recorder
 
 backend recorder
     server s 127.0.0.1:{recorder.port} {server_options}
-""")
-        # A bad config would otherwise only show as a refused connection.
-        checked = subprocess.run([binary, "-c", "-f", str(config)], check=False, capture_output=True, text=True,
-                                 timeout=30, pass_fds=[listener.fileno()])
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        log = lab.tmp / "haproxy.log"
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, pass_fds=[listener.fileno()], cwd=lab.tmp)
-        lab.procs.append(Proc("haproxy", popen, log))
-    finally:
-        listener.close()
+""", host=host, family=family)
     return host, port
 
 

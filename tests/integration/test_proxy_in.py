@@ -6,59 +6,26 @@ PROXY header from a source that is not a trusted balancer is never believed.
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 import socket
-import subprocess
 
 import pytest
 
-from support import Lab, Proc, proc_check, wait_for
+from haproxy_lab import DEFAULTS, start_haproxy
+from support import Lab, wait_for
 
 TRUSTED_CLIENT, OTHER_CLIENT = "127.0.0.5", "127.0.0.6"
 
 
-def find_haproxy() -> str:
-    found = shutil.which("haproxy", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("haproxy is not installed; CI is set: this test must run")
-    pytest.skip("haproxy is not installed (Debian package haproxy)")
-
-
-def haproxy_before(lab: Lab, binary: str, vip_port: int, version: str = "send-proxy-v2") -> int:
+def haproxy_before(lab: Lab, vip_port: int, version: str = "send-proxy-v2") -> int:
     """HAProxy in TCP mode on a free port, passing connections to vipd with a PROXY header."""
-    listener = socket.socket()
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        port = listener.getsockname()[1]
-        config = lab.tmp / "haproxy.cfg"
-        config.write_text(f"""\
-global
-    nbthread 1
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
+    _, port = start_haproxy(lab, f"""{DEFAULTS}
 frontend smtp
-    bind fd@{listener.fileno()}
+    bind fd@{{fd}}
     default_backend vipd
 backend vipd
     server vipd 127.0.0.1:{vip_port} {version}
 """)
-        log = lab.tmp / "haproxy.log"
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, pass_fds=[listener.fileno()], cwd=lab.tmp)
-    finally:
-        listener.close()
-    proc = Proc("haproxy", popen, log)
-    lab.procs.append(proc)
-    proc_check(proc)
     return port
 
 
@@ -83,10 +50,9 @@ servers = ["{sink_address}"]
 
 @pytest.mark.parametrize("version", ["send-proxy-v2", "send-proxy"])
 def test_behind_haproxy_the_original_client_is_seen_and_judged(lab: Lab, version: str) -> None:
-    binary = find_haproxy()
     sink = lab.sink("a", "--xclient-from", "127.0.0.1/32")
     vipd = lab.vipd(config(sink.address))
-    port = haproxy_before(lab, binary, vipd.port(), version)
+    port = haproxy_before(lab, vipd.port(), version)
     wait_for(lambda: _listening(port), what="haproxy to listen")
 
     with smtp_from(TRUSTED_CLIENT, port) as s:

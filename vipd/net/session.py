@@ -261,13 +261,17 @@ class Session(asyncio.Protocol):
     def _pump(self) -> None:
         """Handle every event the buffered input yields; replies go out in one write at the end."""
         conn = self.conn
+        handled = False
         try:
             while not self._closed:
                 event = conn.next_event()
                 if isinstance(event, Sentinel):
                     break
+                if not handled:
+                    # Timeouts count from the last complete command (one clock read per batch).
+                    handled = True
+                    self.last_activity = time.monotonic()
                 result = self._handle(event)
-                self.last_activity = time.monotonic()
                 if result is None:
                     continue
                 if isinstance(result, Reply):
@@ -298,6 +302,7 @@ class Session(asyncio.Protocol):
 
     def _resume(self, fut: asyncio.Future) -> None:
         self._busy = False
+        self.last_activity = time.monotonic()     # the wait for a backend is not the client's idle time
         then, self._then = self._then, None
         try:
             result = then(fut.result()) if then is not None else fut.result()

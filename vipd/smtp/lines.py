@@ -24,6 +24,20 @@ _END = b"\r\n.\r\n"
 _HOLD = len(_END) - 1
 
 
+def _fault(nul: bool, bare: bool, too_big: bool, long: bool) -> Reply | None:
+    """The reply refusing a message body, by DATA and BDAT alike: faults in a fixed order, so the
+    verdict never depends on where the stream was cut."""
+    if nul:
+        return replies.NUL_IN_DATA
+    if bare:
+        return replies.BARE_LINE_ENDING
+    if too_big:
+        return replies.TOO_BIG
+    if long:
+        return replies.DATA_LINE_TOO_LONG
+    return None
+
+
 class LineReader:
     """Cuts command lines from a buffer; bounded memory whatever the peer sends."""
 
@@ -126,15 +140,7 @@ class DataReader:
             self._long = self._check_lines(seg)
 
     def _verdict(self) -> Reply | None:
-        if self._nul:
-            return replies.NUL_IN_DATA
-        if self._bare:
-            return replies.BARE_LINE_ENDING
-        if self.size > self.max_bytes:
-            return replies.TOO_BIG
-        if self._long:
-            return replies.DATA_LINE_TOO_LONG
-        return None
+        return _fault(self._nul, self._bare, self.size > self.max_bytes, self._long)
 
     def _within(self, seg: bytes, limit: int) -> bool:
         """Quick and strict: every line of ``seg`` (and its unfinished tail) fits in ``limit`` octets.
@@ -278,12 +284,4 @@ class ChunkReader:
         return self._line_len > self.max_line
 
     def _verdict(self) -> Reply | None:
-        if self._nul:
-            return replies.NUL_IN_DATA
-        if self._bare:
-            return replies.BARE_LINE_ENDING
-        if self.size > self.max_bytes:
-            return replies.TOO_BIG
-        if self._long:
-            return replies.DATA_LINE_TOO_LONG
-        return None
+        return _fault(self._nul, self._bare, self.size > self.max_bytes, self._long)

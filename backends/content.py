@@ -1,11 +1,12 @@
 """``python -m backends.content``: the content-security layer's backend: scan, then relay on.
 
 Each message is scanned before it is forwarded (in-line, like backends.relay: the client hears 250
-only after the next hop's 250): by the built-in scanner (the EICAR test file in any MIME part) and,
-when ``--clamd`` is given, by clamd over INSTREAM. An infected message is refused with ``554 5.7.1``,
-or kept in ``--quarantine DIR`` and accepted (the sender is not told), per configuration. A message
-that cannot be scanned (the scanner's limits, clamd down) is deferred with ``451 4.7.0`` rather than
-passed unscanned: a security layer that fails open is no layer.
+only after the next hop's 250): by the built-in scanner (the EICAR test file in any MIME part; off
+with ``--no-builtin``) and, when ``--clamd`` is given, by clamd over INSTREAM. An infected message
+is refused with ``554 5.7.1``, or kept in ``--quarantine DIR`` and accepted (the sender is not
+told), per configuration. A message that cannot be scanned (the scanner's limits, clamd down) is
+deferred with ``451 4.7.0`` rather than passed unscanned: a security layer that fails open is no
+layer.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ UNSCANNED = Reply(451, "4.7.0", "Message could not be scanned, try again later")
 
 class ContentApp(RelayApp):
     def __init__(self, next_hop: str | None, *, hostname: str, clamd: str | None = None,
-                 quarantine: Path | None = None, router: App | None = None, **kw) -> None:
+                 quarantine: Path | None = None, router: App | None = None, builtin: bool = True,
+                 **kw) -> None:
         """``router``: deliver by mailertable after scanning (a combined content + delivery layer)
         instead of relaying everything to ``next_hop``."""
         super().__init__(next_hop or "127.0.0.1:0", hostname=hostname, **kw)
         self.clamd = clamd
+        self.builtin = builtin
         self.quarantine = quarantine
         self.router = router
 
@@ -63,11 +66,12 @@ class ContentApp(RelayApp):
 
     async def scan(self, body: bytes) -> tuple[str | None, str | None]:
         """(the name of what was found, or None; why it could not be scanned, or None)."""
-        verdict = scan_message(body)
-        if verdict.infected:
-            return verdict.name, None
-        if verdict.error is not None:
-            return None, verdict.error
+        if self.builtin:
+            verdict = scan_message(body)
+            if verdict.infected:
+                return verdict.name, None
+            if verdict.error is not None:
+                return None, verdict.error
         if self.clamd is None:
             return None, None
         where = _clamd_address(self.clamd)
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop", action="append", type=_hop, default=[], metavar="NAME=HOST:PORT")
     p.add_argument("--hostname", default="content.vipd.test")
     p.add_argument("--clamd", metavar="unix:PATH|HOST:PORT", help="also scan with this clamd")
+    p.add_argument("--builtin", action=argparse.BooleanOptionalAction, default=True,
+                   help="scan with the built-in scanner (default: yes)")
     p.add_argument("--quarantine", type=Path, metavar="DIR", help="keep infected mail here and accept it")
     p.add_argument("--xclient-from", action="append", default=[], metavar="CIDR")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.next is None) == (args.mailertable is None):
         parser.error("give --next or --mailertable (with --hop)")
+    if not args.builtin and args.clamd is None:
+        parser.error("--no-builtin needs --clamd: a content-security layer that scans nothing is no layer")
     nets = tuple(ipaddress.ip_network(n, strict=False) for n in args.xclient_from)
     router = None
     if args.mailertable is not None:
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
     app = ContentApp(args.next, hostname=args.hostname, clamd=args.clamd, quarantine=args.quarantine,
-                     router=router, xclient_from=nets, timeout=args.timeout, quiet=args.quiet)
+                     router=router, builtin=args.builtin, xclient_from=nets, timeout=args.timeout, quiet=args.quiet)
     run_forever(app, args.listen)
     return 0
 

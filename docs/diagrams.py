@@ -1,6 +1,6 @@
-"""Draws the three switched designs (vipd.topology) as PNG pictures in docs/img: python docs/diagrams.py
+"""Draws the switched designs (conf/*/topology.toml) as PNG pictures in docs/img: python docs/diagrams.py
 
-Generated from the same data the lab and the end-to-end tests use, so the pictures cannot drift from
+Generated from the same files the lab and the end-to-end tests run, so the pictures cannot drift from
 what runs.
 """
 
@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vipd.topology import DESCRIPTIONS, SCENARIOS  # noqa: E402
+from vipd.topology import load_scenario, scenario_names  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "img"
 ROLE_COLOUR = {"incoming": "#cfe2ff", "content": "#ffe5b4", "content+delivery": "#ffd6a5", "delivery": "#d1f2d1"}
@@ -32,7 +32,8 @@ def arrow(ax, x0, y0, x1, y1):
 
 
 def draw(name: str) -> Path:
-    layers = SCENARIOS[name]
+    topo = load_scenario(name)
+    layers = topo.layers
     width = 2.2 * (len(layers) + 2)
     fig, ax = plt.subplots(figsize=(width, 4.2))
     ax.set_xlim(0, len(layers) + 2)
@@ -44,8 +45,9 @@ def draw(name: str) -> Path:
     for i, layer in enumerate(layers, start=1):
         x = i + 0.5
         box(ax, x, 3.5, 0.85, 0.4, f"VIP {layer.name}\n(vipd)", "#eeeeee", bold=True)
-        for k in range(layer.servers):
-            box(ax, x, 2.6 - 0.7 * k, 0.85, 0.45, f"{layer.name}{k + 1}\n{layer.role}", ROLE_COLOUR[layer.role])
+        for k in range(len(layer.servers)):
+            scan = f"\n({layer.scanner})" if layer.scanner else ""
+            box(ax, x, 2.6 - 0.7 * k, 0.85, 0.5, f"{layer.name}-{k + 1}\n{layer.role}{scan}", ROLE_COLOUR[layer.role])
             arrow(ax, x, 3.28, x, 2.85 - 0.7 * k)
         arrow(ax, prev[0], prev[1], x - 0.43, 3.5)
         prev = (x + 0.43, 2.6 - 0.35)
@@ -56,7 +58,7 @@ def draw(name: str) -> Path:
     box(ax, end, 1.7, 0.85, 0.45, "Internet\n(outbound)", "#e0e0ff")
     arrow(ax, prev[0], prev[1], end - 0.43, 2.9)
     arrow(ax, prev[0], prev[1], end - 0.43, 1.7)
-    ax.set_title(f"{name}: {DESCRIPTIONS[name]}", fontsize=10)
+    ax.set_title(f"{name}: {topo.description}", fontsize=10)
     OUT.mkdir(exist_ok=True)
     path = OUT / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -65,5 +67,5 @@ def draw(name: str) -> Path:
 
 
 if __name__ == "__main__":
-    for scenario in SCENARIOS:
+    for scenario in scenario_names():
         print(draw(scenario))

@@ -81,7 +81,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.scenario:
         _loop_policy(not args.no_uvloop)
         from .lab_scenarios import run_scenario_lab
-        return run_scenario_lab(args.scenario, Path(args.dir) if args.dir else None, args.once, args.backends)
+        return run_scenario_lab(args.scenario, Path(args.dir) if args.dir else None, args.once, args.backends,
+                                args.write_config)
     from .lab import run_lab
     _loop_policy(not args.no_uvloop)
     return run_lab(port=args.port, workdir=Path(args.dir) if args.dir else None,
@@ -106,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
     lab = sub.add_parser("lab", help="a VIP on loopback before two sink backends, with a sample message")
-    lab.add_argument("scenario", nargs="?", help="scenario1, scenario2 or scenario3 (the email DMZ's designs); "
-                                                 "none: one VIP before two sinks")
+    lab.add_argument("scenario", nargs="?", help="scenario1, scenario2 or scenario3 (the email DMZ's designs, "
+                                                 "conf/SCENARIO/topology.toml); none: one VIP before two sinks")
     lab.add_argument("--backends", choices=["python", "sendmail"], default="python")
     lab.add_argument("--port", type=int, default=2525, help="VIP port (default 2525; any free port if taken)")
     lab.add_argument("--dir", help="working folder (default: a new temporary one)")
     lab.add_argument("--once", action="store_true", help="send the sample, show it, and stop")
+    lab.add_argument("--write-config", action="store_true",
+                     help="write conf/SCENARIO/vipd.toml from its topology.toml (the reference addresses) and stop")
     lab.add_argument("--no-uvloop", action="store_true")
     lab.set_defaults(func=cmd_lab)
     return parser

@@ -64,6 +64,7 @@ __all__ = [
     "VipConfig",
     "check",
     "load",
+    "load_table",
     "loads",
     "parse_endpoint",
 ]
@@ -332,6 +333,23 @@ def check(path: str | os.PathLike[str]) -> list[str]:
     except ConfigError as exc:
         return exc.errors
     return []
+
+
+def load_table(path: str | os.PathLike[str], model: type[M]) -> M:
+    """Read another of vipd's TOML files (a lab topology) into a pydantic `model` of this module's
+    kind; raises ConfigError with every problem, each "file: key: reason" as for the config."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte offset {exc.start})"]) from exc
+    try:
+        return model.model_validate(_parse_toml(text, path))
+    except ValidationError as exc:
+        raise ConfigError([_format(path, tuple(err["loc"]), _reason(err))
+                           for err in _without_echoes(exc.errors())]) from exc
 
 
 def parse_endpoint(text: str, *, allow_any_port: bool = False) -> Endpoint:

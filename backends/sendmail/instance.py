@@ -389,6 +389,12 @@ class SendmailInstance:
             os.kill(pid, sig)
         return True
 
+    def kill(self) -> None:
+        """SIGKILL to the namespace's PID 1, as a crash: the kernel ends every process in it at once,
+        transactions in flight included; the queue stays on disk for the next ``start()``."""
+        if self._init_pid is not None and self._kill(self._init_pid, signal.SIGKILL):
+            _wait(lambda: not self.processes(), 5.0, "sendmail's namespace to empty after a kill")
+
     def stop(self, timeout_seconds: float = 10.0) -> None:
         """SIGTERM to sendmail, SIGKILL to the namespace after ``timeout_seconds``; then check it is empty.
 

@@ -85,9 +85,36 @@ def test_lab_scenario2_once_crosses_every_layer_and_stops_everything(tmp_path):
     assert "Internet-facing VIP (mx): 127.0.0.1:" in first          # the entry point comes first
     assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
     assert list((tmp_path / "lab" / "gateway").glob("*.eml"))
-    assert "stopped vipd and 8 backends and sinks" in out.stdout
+    assert "lab: a client on the DNSBL (127.0.0.2) got: 554 5.7.1" in out.stdout   # the lab's own DNS
+    assert "stopped vipd, 6 backends, 2 sinks, the DNS server;" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
+
+
+def test_lab_scenario3_scans_with_a_private_clamd_in_the_second_pool(tmp_path):
+    from backends.clamd_daemon import find_clamd
+    if find_clamd() is None:
+        pytest.skip("clamd is not installed: the lab falls back to the built-in scanner (see the next test)")
+    out = subprocess.run([PYTHON, "-m", "vipd", "lab", "scenario3", "--once", "--dir", str(tmp_path / "lab")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"content2 VIP: 127\.0\.0\.1:\d+ +\(content, scanner clamd\)", out.stdout), out.stdout
+    assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
+    assert "stopped vipd, 8 backends, 2 sinks, the DNS server and clamd;" in out.stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps
+
+
+def test_lab_without_clamd_scans_with_the_builtin_scanner(tmp_path, monkeypatch, capsys):
+    """A machine without clamd: the clamd layer says so and scans with the built-in scanner."""
+    import backends.clamd_daemon as clamd_daemon
+    from vipd.lab_scenarios import start_clamd
+    from vipd.topology import load_scenario
+    monkeypatch.setattr(clamd_daemon, "find_clamd", lambda: None)
+    topo, daemon = start_clamd(load_scenario("scenario3"), tmp_path)
+    assert daemon is None
+    assert "clamd is not installed" in capsys.readouterr().out
+    assert [layer.scanner for layer in topo.layers if layer.scans] == ["builtin", "builtin"]
 
 
 def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp_path):
@@ -103,7 +130,7 @@ def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp
                               "--dir", str(workdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
-        assert "(4 sendmail)" in out.stdout
+        assert "stopped vipd, 6 backends (4 sendmail), 2 sinks, the DNS server;" in out.stdout
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert str(workdir) not in ps and "sendmail" not in ps.replace("sendmail-", "")
     finally:

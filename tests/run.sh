@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real SMTP clients and servers, HAProxy (it uses our health agent), headless Chromium (the status
-# page), clamd (the content layer's scanner) and sendmail (real backends) from Debian (root only;
+# page), clamd and spamd (the content layer's scanner and spam scorer) and sendmail (real backends) from Debian (root only;
 # elsewhere the tests that need them skip, except in CI, where a missing one fails).
-apt_packages=(swaks libnet-ssleay-perl dnsmasq haproxy chromium clamav-daemon sendmail-bin sendmail-cf m4)
+apt_packages=(swaks libnet-ssleay-perl dnsmasq haproxy chromium clamav-daemon spamd sendmail-bin sendmail-cf m4)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

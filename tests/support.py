@@ -6,6 +6,7 @@ what it prints after binding port 0, and stopped by PID at the end of the test, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -312,3 +313,21 @@ def raw_session(port: int, data: bytes, *, expect_replies: int, timeout: float =
             *lines, buf = buf.split(b"\r\n")
             replies += [ln for ln in lines if len(ln) >= 4 and ln[3:4] == b" "]
         return replies
+
+
+def run_against(handler, tmp_path: Path, call):
+    """Run ``call(unix_path)`` against a small unix server of the test's own that handles each connection
+    with ``handler``: for the failure paths of a client (silence, garbage, a closed connection)."""
+    path = str(tmp_path / "fake.sock")
+
+    async def handle(reader, writer):
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.transport.abort()
+
+    async def main():
+        server = await asyncio.start_unix_server(handle, path)
+        async with server:
+            return await call(path)
+    return asyncio.run(main())

@@ -26,6 +26,7 @@ import pytest
 from backends.clamd import (ClamdProtocolError, ClamdResult, ClamdScanError, ClamdTimeout, ClamdUnavailable,
                             clamd_ping, clamd_scan, clamd_version, parse_scan_reply)
 from backends.scanner import EICAR
+from support import run_against
 from clamd_lab import FOUND_NAME, STREAM_MAX_BYTES, Clamd, free_port, run_clamd
 
 
@@ -101,23 +102,6 @@ def test_concurrent_scans(clamd: Clamd) -> None:
 
 
 # --- failure paths, with small servers of our own ------------------------------------------------------
-
-def run_against(handler, tmp_path: Path, call):
-    """Run ``call(unix_path)`` against a unix server that handles each connection with ``handler``."""
-    path = str(tmp_path / "fake.sock")
-
-    async def handle(reader, writer):
-        try:
-            await handler(reader, writer)
-        finally:
-            writer.transport.abort()
-
-    async def main():
-        server = await asyncio.start_unix_server(handle, path)
-        async with server:
-            return await call(path)
-    return asyncio.run(main())
-
 
 def test_nothing_listening_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(ClamdUnavailable):

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real SMTP clients and servers, HAProxy (it uses our health agent), headless Chromium (the status
-# page), clamd and spamd (the content layer's scanner and spam scorer) and sendmail (real backends) from Debian (root only;
-# elsewhere the tests that need them skip, except in CI, where a missing one fails).
+# page), clamd and spamd (the content layer's scanner and spam scorer) and sendmail (real backends)
+# from Debian (root only; elsewhere the tests that need them skip, except in CI, where a missing one
+# fails).
 apt_packages=(swaks libnet-ssleay-perl dnsmasq haproxy chromium clamav-daemon spamd sendmail-bin sendmail-cf m4)
 missing=()
 for pkg in "${apt_packages[@]}"; do

@@ -2,8 +2,8 @@
 loopback.
 
 Starts what the design needs around it: a sink as the internal gateway and one as the outbound next
-hop, its own DNS server holding the DNSBL zone, a private clamd when a content layer scans with one;
-then the backends of every layer (the project's Python backends, or real sendmail for the incoming
+hop, its own DNS server holding the DNSBL zone, a private clamd when a content layer scans with one
+and a private spamd when one scores spam; then the backends of every layer (the project's Python backends, or real sendmail for the incoming
 and delivery layers), and one vipd with a VIP per layer. Prints the entry points (the Internet-facing
 VIP first) and how to send; runs until Ctrl-C (or, with ``--once``, sends samples and stops); stops
 every process it started, also on error. Mail for the internal domain is accepted from any sender,
@@ -114,7 +114,8 @@ _SENDMAIL_HOSTS = {"outside.test": "127.0.0.1", "elsewhere.example": "127.0.0.1"
 
 
 def start_layers(topo: Topology, workdir: Path, vips: dict[str, str], sinks: dict[str, str], *,
-                 kind: str = "python", clamd: str | None = None) -> dict[str, list[Backend]]:
+                 kind: str = "python", clamd: str | None = None, spamd: str | None = None
+                 ) -> dict[str, list[Backend]]:
     """Every layer's servers, on free ports; with ``kind="sendmail"`` the incoming and delivery
     layers are real sendmail (content security stays the Python backend: it is the part that scans).
     Stops what it started when one fails to start."""
@@ -127,7 +128,7 @@ def start_layers(topo: Topology, workdir: Path, vips: dict[str, str], sinks: dic
                     instance = start_sendmail(topo, workdir, layer.name, i, vips, sinks)
                     backend = Backend(name, instance.address, sendmail=instance)
                 else:
-                    cmd = backend_command(topo, layer.name, i, "127.0.0.1:0", vips, sinks, clamd)
+                    cmd = backend_command(topo, layer.name, i, "127.0.0.1:0", vips, sinks, clamd, spamd=spamd)
                     proc, address = spawn(workdir, name, cmd)
                     backend = Backend(name, address, popen=proc)
                 started.setdefault(layer.name, []).append(backend)
@@ -182,6 +183,20 @@ def start_clamd(topo: Topology, workdir: Path) -> tuple[Topology, Any]:
         return replace(topo, layers=layers), None
 
 
+def start_spamd(topo: Topology, workdir: Path) -> tuple[Topology, Any]:
+    """A private spamd when a content layer scores spam with one; without spamd here, mail is not
+    scored (said on the terminal): scoring is a filter's hint, not a barrier (docs/layers.md)."""
+    if not any(layer.spam for layer in topo.layers):
+        return topo, None
+    from backends.spamd_daemon import SpamdDaemon, SpamdUnavailable
+    daemon = SpamdDaemon(workdir / "spamd")
+    try:
+        return topo, daemon.start()
+    except SpamdUnavailable as exc:
+        print(f"lab: {exc}; mail is not scored for spam", flush=True)
+        return topo.without_spam(), None
+
+
 def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = False,
                      backends: str = "python", write_config: bool = False) -> int:
     from . import config as config_mod
@@ -206,7 +221,7 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
         os.chmod(workdir, 0o755)     # sendmail's children run as "mail" and must reach their queues
     procs: list[subprocess.Popen] = []
     layers: dict[str, list[Backend]] = {}
-    clamd = None
+    clamd = spamd = None
     try:
         sinks = {}
         for name in ("gateway", "outbound"):
@@ -216,10 +231,11 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
         proc, nameserver = start_dns(topo, workdir)
         procs.append(proc)
         topo, clamd = start_clamd(topo, workdir)
+        topo, spamd = start_spamd(topo, workdir)
         vips = {layer.name: f"127.0.0.1:{port}" for layer, port in zip(topo.layers, free_ports(len(topo.layers)),
                                                                           strict=True)}
         layers = start_layers(topo, workdir, vips, {**sinks}, kind=backends,
-                              clamd=clamd.address if clamd else None)
+                              clamd=clamd.address if clamd else None, spamd=spamd.address if spamd else None)
         cfg_path = workdir / "vipd.toml"
         cfg_path.write_text(vipd_config(topo, vips, {name: [b.address for b in group] for name, group in layers.items()},
                                         nameserver=nameserver, admin="127.0.0.1:0", spool_dir=workdir / "spool",
@@ -234,7 +250,8 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
             if task.done():
                 await task
                 return
-            _explain(topo, workdir, vips, sinks, nameserver, clamd, daemon.bound.get("admin", [("", 0)])[0][1])
+            _explain(topo, workdir, vips, sinks, nameserver, clamd, spamd,
+                     daemon.bound.get("admin", [("", 0)])[0][1])
             if once:
                 await asyncio.to_thread(_samples, topo, vips["mx"], workdir)
                 daemon.request_stop()
@@ -250,11 +267,14 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
                     backend.stop()
                 except Exception as exc:  # noqa: BLE001 - the others must still be stopped
                     print(f"lab: stopping {backend.name} failed: {exc}", file=sys.stderr)
-        if clamd is not None:
-            clamd.stop()
+        helpers = ["the DNS server"]
+        for name, daemon in (("clamd", clamd), ("spamd", spamd)):
+            if daemon is not None:
+                daemon.stop()
+                helpers.append(name)
         stop_all(procs)
         print(f"lab: stopped vipd, {count} backends" + (f" ({sendmails} sendmail)" if sendmails else "")
-              + ", 2 sinks, the DNS server" + (" and clamd" if clamd is not None else "")
+              + f", 2 sinks, {', '.join(helpers[:-1]) + ' and ' if len(helpers) > 1 else ''}{helpers[-1]}"
               + f"; files kept in {workdir}", flush=True)
     return 0
 
@@ -285,20 +305,24 @@ def _wait_landed(folder: Path) -> str | None:
 
 
 def _explain(topo: Topology, workdir: Path, vips: dict[str, str], sinks: dict[str, str], nameserver: str,
-             clamd: Any, admin: int) -> None:
+             clamd: Any, spamd: Any, admin: int) -> None:
     print(f"\nlab {topo.name}: {topo.description}   (from {topo.file})")
     print(f"  Internet-facing VIP (mx): {vips['mx']}")
     first_content = next(layer.name for layer in topo.layers if layer.scans)
     for layer in topo.layers[1:]:
-        scan = f", scanner {layer.scanner}" if layer.scanner else ""
+        scan = (f", scanner {layer.scanner}" if layer.scanner else "") + (
+            f", spam {layer.spam} ({layer.spam_action})" if layer.spam else "")
         print(f"  {layer.name} VIP: {vips[layer.name]}   ({layer.role}{scan}"
               + ("; internal hosts submit here)" if layer.name == first_content else ")"))
     print(f"  internal gateway sink: {sinks['gateway']} (files in {workdir / 'gateway'})")
     print(f"  outbound next hop sink: {sinks['outbound']} (files in {workdir / 'outbound'})")
     print(f"  DNS server: {nameserver} (DNSBL {topo.dnsbl_zone} lists {', '.join(topo.dnsbl_listed)})"
-          + (f"; clamd: {clamd.address}" if clamd is not None else ""))
+          + (f"; clamd: {clamd.address}" if clamd is not None else "")
+          + (f"; spamd: {spamd.address}" if spamd is not None else ""))
     print(f"  status page: http://127.0.0.1:{admin}/   vipctl --admin http://127.0.0.1:{admin} show")
     host, port = vips["mx"].rsplit(":", 1)
     print(f"Send: swaks --server {host}:{port} --from you@outside.test --to user@{topo.internal_domain}")
     print(f"      (from a listed client: add --local-interface {LISTED_CLIENT}; an EICAR test: --attach FILE)")
+    if spamd is not None:
+        print("      (a spam test: --body with SpamAssassin's GTUBE string; it arrives with X-Spam-Flag: YES)")
     print("Ctrl-C stops the lab.", flush=True)

@@ -31,6 +31,7 @@ __all__ = ["CONF_DIR", "Layer", "Topology", "backend_command", "load", "load_sce
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 Role = Literal["incoming", "content", "content+delivery", "delivery"]
 Scanner = Literal["builtin", "clamd", "builtin+clamd"]
+SpamAction = Literal["tag", "reject"]
 _CONTENT_ROLES = ("content", "content+delivery")
 
 
@@ -57,6 +58,8 @@ class _LayerTable(_Table):
     vip: Address
     servers: Annotated[tuple[Address, ...], Field(min_length=1, strict=False)]
     scanner: Scanner | None = None
+    spam: Literal["spamd"] | None = None
+    spam_action: SpamAction | None = None
 
 
 class _TopologyTable(_Table):
@@ -80,6 +83,8 @@ class Layer:
     vip: str                    # the reference deployment's address
     servers: tuple[str, ...]    # likewise
     scanner: str | None         # content roles: "builtin", "clamd" or "builtin+clamd"
+    spam: str | None = None     # content roles: "spamd" scores clean mail, None does not
+    spam_action: str = "tag"    # what a spam verdict does: "tag" (X-Spam-* headers) or "reject"
 
     @property
     def scans(self) -> bool:
@@ -114,6 +119,10 @@ class Topology:
         index = self.names.index(name)
         return self.names[index + 1] if index + 1 < len(self.names) else None
 
+    def without_spam(self) -> Topology:
+        """The same topology with no layer scoring spam."""
+        return replace(self, layers=tuple(replace(layer, spam=None) for layer in self.layers))
+
     def with_scanner(self, scanner: str) -> Topology:
         """The same topology with every content layer scanning with ``scanner``."""
         return replace(self, layers=tuple(replace(layer, scanner=scanner) if layer.scans else layer
@@ -143,7 +152,8 @@ def load(path: Path) -> Topology:
     if problems:
         raise ConfigError(problems)
     layers = tuple(Layer(t.name, t.role, t.vip, t.servers,
-                         (t.scanner or "builtin") if t.role in _CONTENT_ROLES else None) for t in table.layer)
+                         (t.scanner or "builtin") if t.role in _CONTENT_ROLES else None, t.spam,
+                         t.spam_action or "tag") for t in table.layer)
     return Topology(path.parent.name, path, table.description, table.internal_domain.lower(),
                     (path.parent / table.access).absolute(), (path.parent / table.mailertable).absolute(),
                     table.gateway, table.outbound, table.admin, table.nameserver, table.dnsbl_zone.lower(),
@@ -164,8 +174,11 @@ def _order_problems(table: _TopologyTable) -> list[tuple[str, str]]:
     if not any(layer.role in _CONTENT_ROLES for layer in layers):
         out.append(("layer", "no content-security layer: mail would pass unscanned"))
     for i, layer in enumerate(layers):
-        if layer.scanner is not None and layer.role not in _CONTENT_ROLES:
-            out.append((f"layer[{i}].scanner", f'only content layers scan; this one is "{layer.role}"'))
+        for key in ("scanner", "spam"):
+            if getattr(layer, key) is not None and layer.role not in _CONTENT_ROLES:
+                out.append((f"layer[{i}].{key}", f'only content layers scan; this one is "{layer.role}"'))
+        if layer.spam_action is not None and layer.spam is None:
+            out.append((f"layer[{i}].spam_action", 'no spam scorer to act on: set spam = "spamd" too'))
     return out
 
 
@@ -216,8 +229,10 @@ def render(topo: Topology) -> str:
 
 
 def backend_command(topo: Topology, layer_name: str, index: int, listen: str, vips: dict[str, str],
-                    sinks: dict[str, str], clamd: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
-    """The command line of one Python backend of a layer (``vips``, ``sinks``: the running addresses)."""
+                    sinks: dict[str, str], clamd: str | None = None, extra: tuple[str, ...] = (),
+                    spamd: str | None = None) -> list[str]:
+    """The command line of one Python backend of a layer (``vips``, ``sinks``: the running addresses;
+    ``clamd``, ``spamd``: the daemons' addresses, needed when the layer uses them)."""
     layer = topo.layer(layer_name)
     following = topo.following(layer_name)
     common = ["--listen", listen, "--hostname", f"{layer.name}-{index + 1}.dmz.vipd.test",
@@ -231,6 +246,10 @@ def backend_command(topo: Topology, layer_name: str, index: int, listen: str, vi
     if layer.role == "delivery":
         return [*py, "backends.delivery", *common, *route]
     scan = scanner_options(layer.scanner or "builtin", clamd)
+    if layer.spam is not None:
+        if spamd is None:
+            raise ValueError(f'layer {layer.name}: spam "{layer.spam}" needs a spamd address')
+        scan += ["--spamd", spamd, "--spam-action", layer.spam_action]
     if layer.role == "content":
         assert following is not None
         return [*py, "backends.content", *common, *scan, "--next", vips[following]]

@@ -19,6 +19,7 @@ import pytest
 from backends.clamd_daemon import FOUND_NAME
 from backends.scanner import EICAR
 from clamd_lab import run_clamd
+from spamd_lab import GTUBE, run_spamd
 from support import Lab, Sink, Vipd, wait_for
 from vipd.lab_scenarios import LISTED_CLIENT, Backend, free_ports, start_dns, start_layers
 from vipd.topology import Topology as Design
@@ -50,6 +51,11 @@ def clamd(tmp_path_factory):
     yield from run_clamd(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def spamd(tmp_path_factory):
+    yield from run_spamd(tmp_path_factory)
+
+
 def bring_up(lab: Lab, request, scenario: str, kind: str = "python", scanner: str | None = None) -> Topology:
     """What `vipd lab SCENARIO` runs (its own start_layers and DNS server), with vipd as a process."""
     design = load_scenario(scenario)
@@ -70,6 +76,7 @@ def bring_up(lab: Lab, request, scenario: str, kind: str = "python", scanner: st
     clamd = None
     if any(layer.scanner and "clamd" in layer.scanner for layer in design.layers):
         clamd = request.getfixturevalue("clamd").daemon.address
+    spamd = request.getfixturevalue("spamd").address if any(layer.spam for layer in design.layers) else None
     dns_proc, nameserver = start_dns(design, lab.tmp)
     lab.procs.append(Backend("dns", nameserver, popen=dns_proc))
     names = design.names
@@ -77,7 +84,7 @@ def bring_up(lab: Lab, request, scenario: str, kind: str = "python", scanner: st
     vips = {name: f"127.0.0.1:{port}" for name, port in vip_ports.items()}
     gateway, outbound = lab.sink("gateway"), lab.sink("outbound")
     layers = start_layers(design, lab.tmp, vips, {"gateway": gateway.address, "outbound": outbound.address},
-                          kind=kind, clamd=clamd)
+                          kind=kind, clamd=clamd, spamd=spamd)
     for group in layers.values():
         lab.procs.extend(group)
     text = vipd_config(design, vips, {name: [b.address for b in group] for name, group in layers.items()},
@@ -138,6 +145,16 @@ def test_inbound_mail_crosses_every_layer_to_the_gateway(topology: Topology) -> 
     vips = [f"{name}.dmz.vipd.test" for name in layers]
     assert [h for h in hops if h in vips] == list(reversed(vips)), head
     assert len(hops) == 2 * len(layers), head
+    assert "\r\nX-Spam-Flag: NO\r\n" in head, head
+
+
+def test_spam_is_scored_by_spamd_and_tagged_on_its_way_in(topology: Topology) -> None:
+    code, _ = send(topology.vip_ports["mx"], OUTSIDE, "someone@outside.test", f"user@{INTERNAL_DOMAIN}",
+                   message("offer", body=GTUBE.decode()))
+    assert code == 250
+    stored = wait_for(lambda: topology.gateway.messages(), what="the message at the gateway")[0]
+    head = stored.body.split(b"\r\n\r\n", 1)[0].decode()
+    assert "\r\nX-Spam-Flag: YES\r\n" in head and re.search(r"X-Spam-Status: Yes, score=1000\.\d .*GTUBE", head), head
     assert f"[{OUTSIDE}]" in head                       # the first hop recorded the real client
     assert topology.outbound.messages() == []
 

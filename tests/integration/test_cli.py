@@ -86,7 +86,8 @@ def test_lab_scenario2_once_crosses_every_layer_and_stops_everything(tmp_path):
     assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
     assert list((tmp_path / "lab" / "gateway").glob("*.eml"))
     assert "lab: a client on the DNSBL (127.0.0.2) got: 554 5.7.1" in out.stdout   # the lab's own DNS
-    assert "stopped vipd, 6 backends, 2 sinks, the DNS server;" in out.stdout
+    assert re.search(r"content VIP: 127\.0\.0\.1:\d+ +\(content, scanner builtin, spam spamd \(tag\);", out.stdout)
+    assert "stopped vipd, 6 backends, 2 sinks, the DNS server and spamd;" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
 
@@ -98,9 +99,9 @@ def test_lab_scenario3_scans_with_a_private_clamd_in_the_second_pool(tmp_path):
     out = subprocess.run([PYTHON, "-m", "vipd", "lab", "scenario3", "--once", "--dir", str(tmp_path / "lab")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"content2 VIP: 127\.0\.0\.1:\d+ +\(content, scanner clamd\)", out.stdout), out.stdout
+    assert re.search(r"content2 VIP: 127\.0\.0\.1:\d+ +\(content, scanner clamd, spam spamd", out.stdout), out.stdout
     assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
-    assert "stopped vipd, 8 backends, 2 sinks, the DNS server and clamd;" in out.stdout
+    assert "stopped vipd, 8 backends, 2 sinks, the DNS server, clamd and spamd;" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
 
@@ -117,6 +118,18 @@ def test_lab_without_clamd_scans_with_the_builtin_scanner(tmp_path, monkeypatch,
     assert [layer.scanner for layer in topo.layers if layer.scans] == ["builtin", "builtin"]
 
 
+def test_lab_without_spamd_does_not_score(tmp_path, monkeypatch, capsys):
+    """A machine without spamd: the lab says so and runs without spam scoring."""
+    import backends.spamd_daemon as spamd_daemon
+    from vipd.lab_scenarios import start_spamd
+    from vipd.topology import load_scenario
+    monkeypatch.setattr(spamd_daemon, "find_spamd", lambda: None)
+    topo, daemon = start_spamd(load_scenario("scenario2"), tmp_path)
+    assert daemon is None
+    assert "spamd is not installed (Debian: spamd); mail is not scored for spam" in capsys.readouterr().out
+    assert [layer.spam for layer in topo.layers] == [None, None, None]
+
+
 def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp_path):
     import os
     from backends.sendmail import missing
@@ -130,7 +143,7 @@ def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp
                               "--dir", str(workdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
-        assert "stopped vipd, 6 backends (4 sendmail), 2 sinks, the DNS server;" in out.stdout
+        assert "stopped vipd, 6 backends (4 sendmail), 2 sinks, the DNS server and spamd;" in out.stdout
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert str(workdir) not in ps and "sendmail" not in ps.replace("sendmail-", "")
     finally:

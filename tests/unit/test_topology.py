@@ -51,13 +51,19 @@ def test_command_lines_relay_to_the_next_layer_and_route_at_the_last() -> None:
     first = backend_command(topo, "content", 1, "127.0.0.1:0", vips, SINKS, clamd="unix:/c.sock")
     assert first[first.index("--next") + 1] == vips["content2"] and "--clamd" not in first
     assert first[first.index("--hostname") + 1] == "content-2.dmz.vipd.test"
-    second = backend_command(topo, "content2", 0, "127.0.0.1:0", vips, SINKS, clamd="unix:/c.sock")
+    second = backend_command(topo, "content2", 0, "127.0.0.1:0", vips, SINKS, clamd="unix:/c.sock",
+                             spamd="127.0.0.1:783")
     assert ["--no-builtin", "--clamd", "unix:/c.sock"] == second[second.index("--no-builtin"):][:3]
+    assert ["--spamd", "127.0.0.1:783", "--spam-action", "tag"] == second[second.index("--spamd"):][:4]
     with pytest.raises(ValueError, match="needs a clamd address"):
-        backend_command(topo, "content2", 0, "127.0.0.1:0", vips, SINKS)
+        backend_command(topo, "content2", 0, "127.0.0.1:0", vips, SINKS, spamd="127.0.0.1:783")
+    with pytest.raises(ValueError, match='layer content2: spam "spamd" needs a spamd address'):
+        backend_command(topo, "content2", 0, "127.0.0.1:0", vips, SINKS, clamd="unix:/c.sock")
+    unscored = backend_command(topo.without_spam(), "content2", 0, "127.0.0.1:0", vips, SINKS, clamd="unix:/c.sock")
+    assert "--spamd" not in unscored
     last = backend_command(topo, "delivery", 0, "127.0.0.1:0", vips, SINKS)
     assert "backends.delivery" in last and "gateway=127.0.0.1:2600" in last
-    combined = backend_command(load_scenario("scenario1"), "content", 0, "127.0.0.1:0", vips, SINKS)
+    combined = backend_command(load_scenario("scenario1"), "content", 0, "127.0.0.1:0", vips, SINKS, spamd="s:1")
     assert "backends.content" in combined and "--mailertable" in combined and "--next" not in combined
 
 
@@ -81,6 +87,11 @@ def _copy(tmp_path: Path, edit) -> Path:
     (lambda t: t.replace('role = "incoming"', 'role = "incoming"\nscanner = "clamd"'),
      'layer[0].scanner: only content layers scan; this one is "incoming"'),
     (lambda t: t.replace('scanner = "builtin"', 'scanner = "sophos"'), "layer[1].scanner: "),
+    (lambda t: t.replace('role = "delivery"', 'role = "delivery"\nspam = "spamd"'),
+     'layer[2].spam: only content layers scan; this one is "delivery"'),
+    (lambda t: t.replace('spam = "spamd"', 'spam = "rspamd"'), "layer[1].spam: "),
+    (lambda t: t.replace('spam_action = "tag"', 'spam_action = "drop"'), "layer[1].spam_action: "),
+    (lambda t: t.replace('spam = "spamd"', ''), "layer[1].spam_action: no spam scorer to act on"),
 ])
 def test_a_broken_topology_names_the_file_the_key_and_the_reason(tmp_path: Path, edit, expected: str) -> None:
     path = _copy(tmp_path, edit)

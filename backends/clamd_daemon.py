@@ -12,9 +12,9 @@ import asyncio
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
+from .child_daemon import start_until_ready, stop_child, tail_logs
 from .clamd import clamd_ping
 from .scanner import EICAR
 
@@ -50,12 +50,7 @@ class ClamdDaemon:
 
     @property
     def log(self) -> str:
-        out = ""
-        for name in ("clamd.out", "clamd.log"):
-            path = self.folder / name
-            if path.exists():
-                out += path.read_text(errors="replace")[-2000:]
-        return out
+        return tail_logs(self.folder, ("clamd.out", "clamd.log"))
 
     def write_config(self) -> Path:
         db = self.folder / "db"
@@ -80,28 +75,15 @@ class ClamdDaemon:
             raise ClamdUnavailable(f"unix socket path too long for clamd: {self.unix_path}")
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.write_config()
-        began = time.monotonic()
-        with open(self.folder / "clamd.out", "ab") as out:
-            self.proc = subprocess.Popen([binary, "--foreground", f"--config-file={config}"], stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = began + timeout_seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if asyncio.run(clamd_ping(unix_path=self.unix_path, timeout=1)):
-                self.start_seconds = time.monotonic() - began
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise ClamdUnavailable(f"clamd did not start:\n{self.log}")
+        self.proc, seconds = start_until_ready(
+            [binary, "--foreground", f"--config-file={config}"], self.folder / "clamd.out",
+            lambda: asyncio.run(clamd_ping(unix_path=self.unix_path, timeout=1)), timeout_seconds)
+        if seconds is None:
+            self.stop()
+            raise ClamdUnavailable(f"clamd did not start:\n{self.log}")
+        self.start_seconds = seconds
+        return self
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)

@@ -22,9 +22,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
+from .child_daemon import start_until_ready, stop_child, tail_logs
 from .spamd import spamd_ping
 
 __all__ = ["GTUBE", "RULES", "SpamdDaemon", "SpamdUnavailable", "find_spamd"]
@@ -83,12 +83,7 @@ class SpamdDaemon:
 
     @property
     def log(self) -> str:
-        out = ""
-        for name in ("spamd.out", "spamd.log"):
-            path = self.folder / name
-            if path.exists():
-                out += path.read_text(errors="replace")[-2000:]
-        return out
+        return tail_logs(self.folder, ("spamd.out", "spamd.log"))
 
     def _write_config(self) -> list[str]:
         self.config_dir = Path(tempfile.mkdtemp(prefix="vipd-spamd-"))
@@ -126,31 +121,19 @@ class SpamdDaemon:
                    *self._write_config()]
         if os.geteuid() == 0:
             command.append("--username=nobody")
-        began = time.monotonic()
-        with open(self.folder / "spamd.out", "ab") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = began + timeout_seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if asyncio.run(spamd_ping(host="127.0.0.1", port=self.port, timeout=1)):
-                self.start_seconds = time.monotonic() - began
-                return self
-            time.sleep(0.05)
-        log = self.log
-        self.stop()
-        raise SpamdUnavailable(f"spamd did not start:\n{log}")
+        self.proc, seconds = start_until_ready(
+            command, self.folder / "spamd.out",
+            lambda: asyncio.run(spamd_ping(host="127.0.0.1", port=self.port, timeout=1)), timeout_seconds)
+        if seconds is None:
+            self.stop()
+            raise SpamdUnavailable(f"spamd did not start:\n{self.log}")
+        self.start_seconds = seconds
+        return self
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         try:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_child(proc)
         finally:
             if self.config_dir is not None:
                 shutil.rmtree(self.config_dir, ignore_errors=True)

@@ -176,15 +176,21 @@ class Lab:
         self.tmp = tmp
         self.procs: list[Proc] = []
 
-    def sink(self, name: str, *extra: str) -> Sink:
-        store = self.tmp / name
-        log = self.tmp / f"{name}.log"
-        proc = start(name, [PYTHON, "-m", "backends.sink", "--listen", "127.0.0.1:0", "--store", str(store),
-                            "--name", name, *extra], log)
+    def backend(self, module: str, *args: str, name: str | None = None, env: dict | None = None
+                ) -> tuple[int, Proc]:
+        """``python -m backends.MODULE --listen 127.0.0.1:0 ARGS``: (its port, its process) once it listens."""
+        name = name or module
+        proc = start(name, [PYTHON, "-m", f"backends.{module}", "--listen", "127.0.0.1:0", *args],
+                     self.tmp / f"{name}.log", env=env)
         self.procs.append(proc)
         match = wait_for(lambda: proc_check(proc) and re.search(r"listening on [\d.]+:(\d+)", proc.text()),
-                         what=f"sink {name} to listen")
-        return Sink(proc, store, int(match.group(1)), name)
+                         what=f"{name} to listen")
+        return int(match.group(1)), proc
+
+    def sink(self, name: str, *extra: str) -> Sink:
+        store = self.tmp / name
+        port, proc = self.backend("sink", "--store", str(store), "--name", name, *extra, name=name)
+        return Sink(proc, store, port, name)
 
     def restart_sink(self, sink: Sink, *extra: str) -> Sink:
         """Start a sink again on the same port and store."""
@@ -313,6 +319,15 @@ def raw_session(port: int, data: bytes, *, expect_replies: int, timeout: float =
             *lines, buf = buf.split(b"\r\n")
             replies += [ln for ln in lines if len(ln) >= 4 and ln[3:4] == b" "]
         return replies
+
+
+def send_data(port: int, data: bytes) -> tuple[int, bytes]:
+    """One message from a@example.org to b@example.com: the reply to DATA."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as s:
+        s.ehlo()
+        s.mail("a@example.org")
+        s.rcpt("b@example.com")
+        return s.data(data)
 
 
 def run_against(handler, tmp_path: Path, call):

@@ -3,8 +3,8 @@ loopback.
 
 Starts what the design needs around it: a sink as the internal gateway and one as the outbound next
 hop, its own DNS server holding the DNSBL zone, a private clamd when a content layer scans with one
-and a private spamd when one scores spam; then the backends of every layer (the project's Python backends, or real sendmail for the incoming
-and delivery layers), and one vipd with a VIP per layer. Prints the entry points (the Internet-facing
+and a private spamd when one scores spam; then the backends of every layer (the project's Python
+backends, or real sendmail for the incoming and delivery layers), and one vipd with a VIP per layer. Prints the entry points (the Internet-facing
 VIP first) and how to send; runs until Ctrl-C (or, with ``--once``, sends samples and stops); stops
 every process it started, also on error. Mail for the internal domain is accepted from any sender,
 without outside DNS. ``start_layers`` is shared with the end-to-end tests, so they run what the lab

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import smtplib
 import time
 from email import message_from_bytes
 from email.policy import SMTP
@@ -25,7 +24,7 @@ from backends.spamd import SpamdProtocolError, SpamdTimeout, SpamdUnavailable, s
 from backends.spamd_daemon import SpamdDaemon
 from clamd_lab import free_port
 from spamd_lab import GTUBE, run_spamd
-from support import PYTHON, Lab, proc_check, run_against, start, wait_for
+from support import Lab, run_against, send_data, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,29 +125,12 @@ def test_arguments_must_name_one_socket() -> None:
 
 # --- the content backend's spam step, with the real spamd ----------------------------------------------
 
-def content_backend(lab: Lab, next_address: str, *extra: str) -> tuple[int, object]:
-    proc = start("content", [PYTHON, "-m", "backends.content", "--listen", "127.0.0.1:0", "--next", next_address,
-                             *extra], lab.tmp / "content.log")
-    lab.procs.append(proc)
-    match = wait_for(lambda: proc_check(proc) and re.search(r"listening on [\d.]+:(\d+)", proc.text()),
-                     what="the content backend to listen")
-    return int(match.group(1)), proc
-
-
-def send(port: int, data: bytes) -> tuple[int, bytes]:
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as s:
-        s.ehlo()
-        s.mail("a@example.org")
-        s.rcpt("b@example.com")
-        return s.data(data)
-
-
 def test_tag_marks_spam_and_ham_and_drops_a_forged_verdict(lab: Lab, spamd: SpamdDaemon) -> None:
     sink = lab.sink("next")
-    port, proc = content_backend(lab, sink.address, "--spamd", spamd.address)
+    port, proc = lab.backend("content", "--next", sink.address, "--spamd", spamd.address)
     forged = b"X-Spam-Flag: NO\r\nX-Spam-Status: No, score=-100.0\r\n" + SPAM_MAIL
-    assert send(port, forged)[0] == 250
-    assert send(port, HAM_MAIL)[0] == 250
+    assert send_data(port, forged)[0] == 250
+    assert send_data(port, HAM_MAIL)[0] == 250
     spam, ham = (message_from_bytes(m.body, policy=SMTP) for m in wait_for(lambda: len(sink.messages()) == 2
                                                                             and sink.messages()))
     assert spam.get_all("X-Spam-Flag") == ["YES"] and spam["X-Spam-Status"].startswith("Yes, score=1000.0")
@@ -159,33 +141,34 @@ def test_tag_marks_spam_and_ham_and_drops_a_forged_verdict(lab: Lab, spamd: Spam
 
 def test_reject_refuses_spam_with_550_and_passes_ham(lab: Lab, spamd: SpamdDaemon) -> None:
     sink = lab.sink("next")
-    port, _ = content_backend(lab, sink.address, "--spamd", f"unix:{spamd.unix_path}", "--spam-action", "reject")
-    code, text = send(port, SPAM_MAIL)
+    port, _ = lab.backend("content", "--next", sink.address, "--spamd", f"unix:{spamd.unix_path}",
+                          "--spam-action", "reject")
+    code, text = send_data(port, SPAM_MAIL)
     assert (code, text[:5]) == (550, b"5.7.1") and b"spam (score 1000.0, required 5.0)" in text
-    assert send(port, HAM_MAIL)[0] == 250
+    assert send_data(port, HAM_MAIL)[0] == 250
     assert [m.body.count(b"At noon?") for m in wait_for(lambda: sink.messages())] == [1]
 
 
 def test_spamd_down_fails_open_by_default_and_defers_when_told(lab: Lab) -> None:
     sink = lab.sink("next")
     down = f"127.0.0.1:{free_port()}"
-    port, proc = content_backend(lab, sink.address, "--spamd", down)
-    assert send(port, SPAM_MAIL)[0] == 250
+    port, proc = lab.backend("content", "--next", sink.address, "--spamd", down)
+    assert send_data(port, SPAM_MAIL)[0] == 250
     assert b"X-Spam-Flag" not in wait_for(lambda: sink.messages())[0].body
     assert "spam-unscored" in proc.text()
-    port, _ = content_backend(lab, sink.address, "--spamd", down, "--spam-unavailable", "defer")
-    code, text = send(port, SPAM_MAIL)
+    port, _ = lab.backend("content", "--next", sink.address, "--spamd", down, "--spam-unavailable", "defer")
+    code, text = send_data(port, SPAM_MAIL)
     assert (code, text[:5]) == (451, b"4.7.0")
 
 
 def test_the_virus_scan_comes_first_and_large_mail_is_not_scored(lab: Lab, spamd: SpamdDaemon) -> None:
     from backends.scanner import EICAR
     sink = lab.sink("next")
-    port, proc = content_backend(lab, sink.address, "--spamd", spamd.address, "--spam-max-size", "2000")
-    code, _ = send(port, b"Subject: both\r\n\r\n" + EICAR + b"\r\n")
+    port, proc = lab.backend("content", "--next", sink.address, "--spamd", spamd.address, "--spam-max-size", "2000")
+    code, _ = send_data(port, b"Subject: both\r\n\r\n" + EICAR + b"\r\n")
     assert code == 554
     big = SPAM_MAIL + b"filler line\r\n" * 200
-    assert send(port, big)[0] == 250
+    assert send_data(port, big)[0] == 250
     assert b"X-Spam-Flag" not in wait_for(lambda: sink.messages())[0].body
     assert "spam-skipped" in proc.text()
 
@@ -199,11 +182,7 @@ def test_a_hook_scores_instead_of_spamd(lab: Lab) -> None:
         "    hit = b'MAGIC' in message\n"
         "    return SpamResult(hit, 10.0 if hit else 0.0, 5.0, ('MAGIC',) if hit else ())\n")
     sink = lab.sink("next")
-    proc = start("content", [PYTHON, "-m", "backends.content", "--listen", "127.0.0.1:0", "--next", sink.address,
-                             "--spam-hook", "lab_spam_hook:score", "--spam-action", "reject"],
-                 lab.tmp / "hooked.log", env={"PYTHONPATH": f"{hooks}"})
-    lab.procs.append(proc)
-    port = int(wait_for(lambda: proc_check(proc) and re.search(r"listening on [\d.]+:(\d+)", proc.text()),
-                        what="the content backend to listen").group(1))
-    assert send(port, b"Subject: x\r\n\r\nMAGIC\r\n")[0] == 550
-    assert send(port, HAM_MAIL)[0] == 250
+    port, _ = lab.backend("content", "--next", sink.address, "--spam-hook", "lab_spam_hook:score",
+                          "--spam-action", "reject", env={"PYTHONPATH": str(hooks)})
+    assert send_data(port, b"Subject: x\r\n\r\nMAGIC\r\n")[0] == 550
+    assert send_data(port, HAM_MAIL)[0] == 250

@@ -168,4 +168,6 @@ def _explain(workdir: Path, cfg: Path, port: int, admin_port: int, sinks, path: 
         print(f"Status page: {admin}/   metrics: curl {admin}/metrics")
         print(f"Servers: vipctl --admin {admin} show   (then: server drain incoming/127.0.0.1:PORT, "
               "pool hold incoming, ...)")
+    print("The email DMZ's whole designs (incoming, content security, delivery pools): "
+          "vipd lab scenario1|scenario2|scenario3")
     print("Ctrl-C stops the lab.", flush=True)

@@ -168,8 +168,12 @@ def test_eicar_is_stopped_at_the_content_layer_clean_mail_passes(topology: Topol
         else:
             assert code == 250       # a sendmail incoming layer queues first; content security stops it later
     assert send(port, OUTSIDE, "someone@outside.test", f"user@{INTERNAL_DOMAIN}", message("clean"))[0] == 250
+    # Both verdicts are in the content layer's log (after the client's 250, with sendmail in front)...
+    wait_for(lambda: len(re.findall(r"^infected from=<someone@outside.test>", topology.backend_logs(), re.M)) >= 2,
+             what="the content layer's two verdicts")
     stored = wait_for(lambda: topology.gateway.messages(), what="the clean message")
-    assert len(stored) == 1 and b"Subject: clean" in stored[0].body
+    # ...and only the clean message reached the gateway.
+    assert [m.body.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in stored] == [b"clean"]
 
 
 def test_relaying_through_the_mx_is_refused(topology: Topology) -> None:

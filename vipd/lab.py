@@ -116,6 +116,8 @@ def run_lab(port: int = 2525, workdir: Path | None = None, once: bool = False) -
             if task.done():
                 await task
                 return
+            # A lab lives in a terminal: SIGHUP means the terminal went away, not "reload".
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_stop)
             vip_port = daemon.bound["mx"][0][1]
             admin_port = daemon.bound.get("admin", [("", 0)])[0][1]
             await asyncio.to_thread(_send_sample, vip_port)

@@ -250,6 +250,8 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
             if task.done():
                 await task
                 return
+            # A lab lives in a terminal: SIGHUP means the terminal went away, not "reload".
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_stop)
             _explain(topo, workdir, vips, sinks, nameserver, clamd, spamd,
                      daemon.bound.get("admin", [("", 0)])[0][1])
             if once:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from support import PYTHON, ROOT
+from support import PYTHON, ROOT, wait_for
 
 THREE_MISTAKES = """
 [vip.mx]
@@ -148,3 +149,28 @@ def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp
         assert str(workdir) not in ps and "sendmail" not in ps.replace("sendmail-", "")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", [[], ["scenario2"]], ids=["default", "scenario2"])
+def test_a_running_lab_stops_everything_on_ctrl_c_term_and_hangup(tmp_path, scenario, sig):
+    """Until the signal the lab serves; Ctrl-C, SIGTERM, and the terminal going away (SIGHUP: a lab has
+    no configuration to reload) all stop every process it started."""
+    workdir = tmp_path / "lab"
+    port = ["--port", "0"] if not scenario else []
+    with open(tmp_path / "out", "w+") as out:
+        proc = subprocess.Popen([PYTHON, "-m", "vipd", "lab", *scenario, *port, "--dir", str(workdir)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+        try:
+            wait_for(lambda: "Ctrl-C stops the lab." in (tmp_path / "out").read_text(), timeout=60,
+                     what="the lab to be up")
+            proc.send_signal(sig)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = (tmp_path / "out").read_text()
+    assert "lab: stopped vipd" in text, text
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(workdir) not in ps

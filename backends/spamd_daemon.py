@@ -10,8 +10,9 @@ spamd drops root for ``nobody`` before it reads its configuration, so the config
 folder of its own that ``nobody`` can read (``tempfile.mkdtemp`` under the system temp dir, mode
 0755), removed by ``stop()``; the log goes to ``folder``. spamd runs in the foreground, local tests
 only (``-L``, no DNS), on a loopback port and a unix socket (in the configuration folder: a short
-path, as the kernel limits socket paths to 107 bytes); ``stop()`` ends it by PID (spamd stops
-its children on SIGTERM).
+path, as the kernel limits socket paths to 107 bytes). As root it runs in a PID namespace of its
+own that dies with us (backends.child_daemon.in_pid_namespace: having changed its user, spamd would
+otherwise outlive a lab killed with SIGKILL); ``stop()`` ends it by PID, children included.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .child_daemon import start_until_ready, stop_child, tail_logs
+from .child_daemon import in_pid_namespace, start_until_ready, stop_child, tail_logs
 from .spamd import spamd_ping
 
 __all__ = ["GTUBE", "RULES", "SpamdDaemon", "SpamdUnavailable", "find_spamd"]
@@ -122,7 +123,7 @@ class SpamdDaemon:
         if os.geteuid() == 0:
             command.append("--username=nobody")
         self.proc, seconds = start_until_ready(
-            command, self.folder / "spamd.out",
+            in_pid_namespace(command), self.folder / "spamd.out",
             lambda: asyncio.run(spamd_ping(host="127.0.0.1", port=self.port, timeout=1)), timeout_seconds)
         if seconds is None:
             self.stop()
@@ -133,7 +134,8 @@ class SpamdDaemon:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         try:
-            stop_child(proc)
+            # spamd keeps nothing worth a graceful stop, and in its namespace SIGKILL is the way out.
+            stop_child(proc, kill=True)
         finally:
             if self.config_dir is not None:
                 shutil.rmtree(self.config_dir, ignore_errors=True)

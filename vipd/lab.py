@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from backends.child_daemon import die_with_parent
+
 __all__ = ["run_lab", "lab_config"]
 
 
@@ -39,7 +41,7 @@ def _start_sink(workdir: Path, name: str) -> tuple[subprocess.Popen, int]:
                              "--xclient-from", "127.0.0.0/8"],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parent.parent, preexec_fn=die_with_parent)
     log.close()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -4,11 +4,11 @@ loopback.
 Starts what the design needs around it: a sink as the internal gateway and one as the outbound next
 hop, its own DNS server holding the DNSBL zone, a private clamd when a content layer scans with one
 and a private spamd when one scores spam; then the backends of every layer (the project's Python
-backends, or real sendmail for the incoming and delivery layers), and one vipd with a VIP per layer. Prints the entry points (the Internet-facing
-VIP first) and how to send; runs until Ctrl-C (or, with ``--once``, sends samples and stops); stops
-every process it started, also on error. Mail for the internal domain is accepted from any sender,
-without outside DNS. ``start_layers`` is shared with the end-to-end tests, so they run what the lab
-runs.
+backends, or real sendmail for the incoming and delivery layers), and one vipd with a VIP per layer.
+Prints the entry points (the Internet-facing VIP first) and how to send; runs until Ctrl-C (or, with
+``--once``, sends samples and stops); stops every process it started, also on error. Mail for the
+internal domain is accepted from any sender, without outside DNS. ``start_layers`` is shared with
+the end-to-end tests, so they run what the lab runs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from backends.child_daemon import die_with_parent
 
 from .config import ConfigError
 from .topology import Topology, backend_command, load_scenario, render, scenario_names, vipd_config
@@ -53,7 +55,7 @@ def spawn(workdir: Path, name: str, cmd: list[str], timeout_seconds: float = 20.
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT, preexec_fn=die_with_parent)
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         match = re.search(r"listening on ([\d.]+:\d+)", log_path.read_text(errors="replace"))
@@ -237,7 +239,8 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
         layers = start_layers(topo, workdir, vips, {**sinks}, kind=backends,
                               clamd=clamd.address if clamd else None, spamd=spamd.address if spamd else None)
         cfg_path = workdir / "vipd.toml"
-        cfg_path.write_text(vipd_config(topo, vips, {name: [b.address for b in group] for name, group in layers.items()},
+        servers = {name: [b.address for b in group] for name, group in layers.items()}
+        cfg_path.write_text(vipd_config(topo, vips, servers,
                                         nameserver=nameserver, admin="127.0.0.1:0", spool_dir=workdir / "spool",
                                         top=f"# Written by `vipd lab {scenario}` from {topo.file}.\n"))
         cfg = config_mod.load(cfg_path)

@@ -78,6 +78,13 @@ class Backend:
     popen: subprocess.Popen | None = None
     sendmail: Any = None            # backends.sendmail.SendmailInstance
 
+    @property
+    def pid(self) -> int | None:
+        """The PID to signal for this server (sendmail's daemon as this machine sees it)."""
+        if self.sendmail is not None:
+            return self.sendmail.daemon_pid
+        return self.popen.pid if self.popen is not None else None
+
     def kill(self) -> None:
         """SIGKILL, as a crash: a sendmail's queue stays on disk until it runs again."""
         if self.sendmail is not None:
@@ -256,7 +263,7 @@ def run_scenario_lab(scenario: str, workdir: Path | None = None, once: bool = Fa
             # A lab lives in a terminal: SIGHUP means the terminal went away, not "reload".
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.request_stop)
             _explain(topo, workdir, vips, sinks, nameserver, clamd, spamd,
-                     daemon.bound.get("admin", [("", 0)])[0][1])
+                     daemon.bound.get("admin", [("", 0)])[0][1], layers)
             if once:
                 await asyncio.to_thread(_samples, topo, vips["mx"], workdir)
                 daemon.request_stop()
@@ -310,7 +317,7 @@ def _wait_landed(folder: Path) -> str | None:
 
 
 def _explain(topo: Topology, workdir: Path, vips: dict[str, str], sinks: dict[str, str], nameserver: str,
-             clamd: Any, spamd: Any, admin: int) -> None:
+             clamd: Any, spamd: Any, admin: int, layers: dict[str, list[Backend]]) -> None:
     print(f"\nlab {topo.name}: {topo.description}   (from {topo.file})")
     print(f"  Internet-facing VIP (mx): {vips['mx']}")
     first_content = next(layer.name for layer in topo.layers if layer.scans)
@@ -319,6 +326,9 @@ def _explain(topo: Topology, workdir: Path, vips: dict[str, str], sinks: dict[st
             f", spam {layer.spam} ({layer.spam_action})" if layer.spam else "")
         print(f"  {layer.name} VIP: {vips[layer.name]}   ({layer.role}{scan}"
               + ("; internal hosts submit here)" if layer.name == first_content else ")"))
+    for name, group in layers.items():
+        print(f"    {name} pool: " + ", ".join(f"{b.name} {b.address} (pid {b.pid}"
+                                              + (", sendmail)" if b.sendmail is not None else ")") for b in group))
     print(f"  internal gateway sink: {sinks['gateway']} (files in {workdir / 'gateway'})")
     print(f"  outbound next hop sink: {sinks['outbound']} (files in {workdir / 'outbound'})")
     print(f"  DNS server: {nameserver} (DNSBL {topo.dnsbl_zone} lists {', '.join(topo.dnsbl_listed)})"

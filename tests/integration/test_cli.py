@@ -88,6 +88,7 @@ def test_lab_scenario2_once_crosses_every_layer_and_stops_everything(tmp_path):
     assert list((tmp_path / "lab" / "gateway").glob("*.eml"))
     assert "lab: a client on the DNSBL (127.0.0.2) got: 554 5.7.1" in out.stdout   # the lab's own DNS
     assert re.search(r"content VIP: 127\.0\.0\.1:\d+ +\(content, scanner builtin, spam spamd \(tag\);", out.stdout)
+    assert re.search(r"^    mx pool: mx-1 127\.0\.0\.1:\d+ \(pid \d+\), mx-2 ", out.stdout, re.M), out.stdout
     assert "stopped vipd, 6 backends, 2 sinks, the DNS server and spamd;" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps
@@ -144,6 +145,7 @@ def test_lab_scenario2_with_sendmail_backends_accepts_mail_and_stops_cleanly(tmp
                               "--dir", str(workdir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "lab: sample through every layer: 250; at the gateway: " in out.stdout
+        assert re.search(r"^    delivery pool: delivery-1 127\.0\.0\.1:\d+ \(pid \d+, sendmail\)", out.stdout, re.M)
         assert "stopped vipd, 6 backends (4 sendmail), 2 sinks, the DNS server and spamd;" in out.stdout
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert str(workdir) not in ps and "sendmail" not in ps.replace("sendmail-", "")

@@ -6,6 +6,11 @@
 - ``vipd-1w``, ``vipd-2w``: ``python -m vipd run`` with a config written into the workdir, one VIP on
   a free loopback port, one round-robin pool of the two sinks, no XCLIENT (the peers send none
   either), logging at the default level to a file.
+- ``vipd-1w-queued``: every message through the durable queue (the failover path's cost).
+- ``vipd-1w-checks``: the early checks an Internet-facing VIP runs, all on: relay control by
+  ``relay_domains`` (the load generator is not trusted), an access map of 2,000 entries, a DNSBL,
+  the sender's domain and the HELO name resolved (strict HELO), against a DNS server of ours on
+  loopback (``python -m vipd.labdns``; its CPU is not counted: it stands for the Internet's DNS).
 - the peers (HAProxy, nginx, Haraka, Postfix, sendmail, aiosmtpd...) come from ``bench.peers``
   (``PEERS: list[System]``) when that module exists; without it the bench runs without them.
 
@@ -23,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import postfix
+from .loads import HELO, RECIPIENT, SENDER
 from .process import Daemon
 from .system import Endpoint, System, Unavailable
 
@@ -60,17 +66,23 @@ class Baseline(System):
 
 
 class Vipd(System):
-    def __init__(self, workers: int, max_sessions: int | None = None, queued: bool = False) -> None:
+    def __init__(self, workers: int, max_sessions: int | None = None, queued: bool = False,
+                 checks: bool = False) -> None:
         """``max_sessions``: the VIP's cap on sessions (vipd's default when None; bench.idle raises it).
         ``queued``: every message goes through the durable queue (fsynced, then delivered by the queue
-        runner): the cost of the failover path, as when a pool is held and then released."""
+        runner): the cost of the failover path, as when a pool is held and then released.
+        ``checks``: the early checks on (the module docstring says which)."""
         self.workers = workers
         self.max_sessions = max_sessions
         self.queued = queued
-        self.name = f"vipd-{workers}w" + ("-queued" if queued else "")
+        self.checks = checks
+        self.name = f"vipd-{workers}w" + ("-queued" if queued else "") + ("-checks" if checks else "")
         self.description = (f"vipd from this checkout, {workers} worker{'s' if workers > 1 else ''}"
-                            + (", every message through the durable queue" if queued else ""))
+                            + (", every message through the durable queue" if queued else "")
+                            + (", early checks on (relay control, access map, DNSBL, sender and HELO DNS)"
+                               if checks else ""))
         self._daemon: Daemon | None = None
+        self._dns: Daemon | None = None
 
     def prepare(self, cache: Path) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,13 +94,20 @@ class Vipd(System):
             raise Unavailable(f"vipd check-config refuses the bench's config: {reason or out.stderr.strip()}")
 
     def start(self, workdir: Path, sinks: list[Endpoint]) -> Endpoint:
-        config = self._write_config(workdir, sinks)
+        nameserver = None
+        if self.checks:
+            sender_domain, helo = SENDER.rpartition("@")[2], HELO
+            self._dns = Daemon.start("labdns", [_python(), "-m", "vipd.labdns", "--zone", _DNSBL_ZONE,
+                                                "--host", f"{sender_domain}=127.0.0.1", "--host", f"{helo}=127.0.0.1"],
+                                     workdir / "dns.log", cwd=ROOT)
+            nameserver = self._dns.wait_for_log(r"listening on (\S+) ").group(1)
+        config = self._write_config(workdir, sinks, nameserver)
         self._daemon = Daemon.start(self.name, [_python(), "-m", "vipd", "run", "--config", str(config)],
                                     workdir / "vipd.log", cwd=ROOT)
         match = self._daemon.wait_for_log(_LISTENING)
         return Endpoint(match.group(1), int(match.group(2)))
 
-    def _write_config(self, workdir: Path, sinks: list[Endpoint]) -> Path:
+    def _write_config(self, workdir: Path, sinks: list[Endpoint], nameserver: str | None = None) -> Path:
         servers = ", ".join(f'"{sink}"' for sink in sinks)
         cap = "" if self.max_sessions is None else f"max_sessions = {self.max_sessions}\n"
         path = workdir / "vipd.toml"
@@ -96,16 +115,25 @@ class Vipd(System):
         spool = 'spool_dir = "spool"\n' if self.queued else ""
         queue = "\n[queue]\nretry_min_seconds = 0.05\nconcurrency = 50\n" if self.queued else ""
         vip_queue = "queue_load = 0.000001\n" if self.queued else ""
+        if self.checks:
+            access = workdir / "access"
+            access.write_text(_access_map())
+            top = f'nameservers = ["{nameserver or "127.0.0.1:53"}"]\n'
+            policy = (f'relay_domains = ["{RECIPIENT.rpartition("@")[2]}"]   # the load generator is not trusted\n'
+                      f'access = "{access}"\ndnsbl = [{{ zone = "{_DNSBL_ZONE}" }}]\n'
+                      "check_sender_domain = true\nhelo_strict = true\nreject_unknown_helo = true\n")
+        else:
+            top = ""
+            policy = 'trusted_networks = ["127.0.0.0/8"]   # the load generator relays to any domain\n'
         path.write_text(f"""\
 workers = {self.workers}
 grace_seconds = 2.0
-{spool}
+{top}{spool}
 [vip.bench]
 listen = ["127.0.0.1:0"]
 hostname = "vipd.bench.test"
 default_pool = "sinks"
-trusted_networks = ["127.0.0.0/8"]   # the load generator relays to any domain
-max_sessions_per_client = 0          # one client address opens every session here
+{policy}max_sessions_per_client = 0          # one client address opens every session here
 {cap}{vip_queue}
 [pool.sinks]
 balance = "roundrobin"
@@ -121,9 +149,24 @@ identity = "none"
         if self._daemon is not None:
             self._daemon.stop()
             self._daemon = None
+        if self._dns is not None:
+            self._dns.stop()
+            self._dns = None
 
     def version(self) -> str:
         return f"vipd {metadata.version('vipd')}, {sys.implementation.name} {sys.version.split()[0]}"
+
+
+_DNSBL_ZONE = "bl.bench.test"
+
+
+def _access_map(entries: int = 2000) -> str:
+    """A site's access map: many entries, none of which names the bench's client, sender or recipient."""
+    lines = ["# written by bench.systems: the early checks' access map"]
+    for i in range(entries // 2):
+        lines.append(f"Connect:10.{i // 250}.{i % 250}     REJECT")
+        lines.append(f"From:spammer{i}.example     REJECT")
+    return "\n".join(lines) + "\n"
 
 
 def _python() -> str:
@@ -148,5 +191,5 @@ def peers() -> list[System]:
 
 
 def core_systems() -> list[System]:
-    """The systems of this module: baseline, vipd-1w, vipd-2w."""
-    return [Baseline(), Vipd(1), Vipd(2), Vipd(1, queued=True)]
+    """The systems of this module: baseline, vipd-1w, vipd-2w, vipd-1w-queued, vipd-1w-checks."""
+    return [Baseline(), Vipd(1), Vipd(2), Vipd(1, queued=True), Vipd(1, checks=True)]

@@ -378,10 +378,15 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 
-async def _serve(listen: str, zone: str, listed: Sequence[str]) -> None:
+async def _serve(listen: str, zone: str, listed: Sequence[str], hosts: Mapping[str, str] | None = None) -> None:
     import signal
     host, _, port = listen.rpartition(":")
-    dns_server = LabDns(dnsbl_records(zone, {address: "127.0.0.2" for address in listed}), [zone])
+    records = dnsbl_records(zone, {address: "127.0.0.2" for address in listed})
+    for name, address in (hosts or {}).items():
+        kind = "A" if ipaddress.ip_address(address).version == 4 else "AAAA"
+        records.setdefault(name, {}).setdefault(kind, []).append(address)
+    # Each host name is a zone of its own: the server answers for it and for nothing around it.
+    dns_server = LabDns(records, [zone, *(hosts or {})])
     await dns_server.start(host.strip("[]"), int(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -390,6 +395,18 @@ async def _serve(listen: str, zone: str, listed: Sequence[str]) -> None:
     print(f"listening on {dns_server.nameserver} zone={zone} listed={','.join(listed) or '-'}", flush=True)
     await stop.wait()
     await dns_server.stop()
+
+
+def _host(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        sep = ""
+    if not sep or not name.strip(". "):
+        import argparse
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=IP")
+    return name.strip().lower().rstrip("."), address
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zone", default="bl.vipd.test", help="the DNSBL zone")
     parser.add_argument("--listed", action="append", default=[], metavar="IP",
                         help="a client address the zone lists (RFC 5782's test points always are)")
+    parser.add_argument("--host", action="append", default=[], type=_host, metavar="NAME=IP",
+                        help="also answer NAME with this address (A or AAAA), e.g. a sender's domain")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(_serve(args.listen, args.zone, args.listed))
+        asyncio.run(_serve(args.listen, args.zone, args.listed, dict(args.host)))
     except ValueError as exc:
         parser.error(str(exc))
     return 0

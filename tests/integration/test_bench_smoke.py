@@ -83,3 +83,37 @@ def test_idle_writes_memory_per_session(tmp_path):
     assert sample["rss_after_bytes"] > sample["rss_before_bytes"] > 0, sample
     assert data["kib_per_session"]["median"] > 0 and data["goal_kib"] == 64, data   # goals are reported, not asserted
     assert "KiB per session" in out.stdout, out.stdout
+
+
+def test_the_checks_system_runs_every_early_check_and_lets_the_bench_mail_through(lab, tmp_path):
+    """vipd-1w-checks measures the checks only if they run, and measures nothing if they refuse the
+    load generator's mail: the bench's own client, sender and recipient pass, others do not."""
+    import smtplib
+    from bench.loads import HELO, RECIPIENT, SENDER
+    from bench.system import Endpoint
+    from bench.systems import Vipd
+    sink = lab.sink("sink")
+    system = Vipd(1, checks=True)
+    try:
+        vip = system.start(tmp_path, [Endpoint("127.0.0.1", sink.port)])
+        with smtplib.SMTP(vip.host, vip.port, local_hostname=HELO, timeout=30) as s:
+            assert s.sendmail(SENDER, [RECIPIENT], b"Subject: bench\r\n\r\nhi\r\n") == {}
+            s.mail(SENDER)
+            code, text = s.rcpt("someone@elsewhere.example")          # relay control: not trusted
+            assert (code, text[:5]) == (550, b"5.7.1"), text
+            s.rset()
+            code, text = s.mail("spam@spammer7.example")              # the access map
+            assert code == 550, text
+        with smtplib.SMTP(vip.host, vip.port, local_hostname="nosuch.client.bench.test", timeout=30) as s:
+            code, text = s.ehlo()                                     # the HELO name must resolve
+            assert code == 450 and text.startswith(b"4.7.1"), text
+        with smtplib.SMTP(vip.host, vip.port, local_hostname=HELO, timeout=30,
+                          source_address=("127.0.0.2", 0)) as s:       # the DNSBL lists RFC 5782's test point
+            s.ehlo()
+            code, text = s.mail(SENDER)
+            assert code == 554 and b"bl.bench.test" in text, text
+        dns_pid = system._dns.pid
+    finally:
+        system.stop()
+    assert len(sink.messages()) == 1
+    assert not os.path.exists(f"/proc/{dns_pid}")                    # its DNS server is stopped with it

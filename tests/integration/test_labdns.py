@@ -298,3 +298,35 @@ def test_daemon_in_process_on_uvloop_refuses_a_listed_client(lab) -> None:
         assert server.queries >= 2 and server.failures == 0
 
     serve(test, loop="uvloop")
+
+
+def test_the_command_serves_the_dnsbl_and_named_hosts_and_refuses_the_rest(tmp_path) -> None:
+    """``python -m vipd.labdns`` as the lab and the bench start it: a process, stopped by PID."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    from support import wait_for
+    log = tmp_path / "dns.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vipd.labdns", "--zone", "bl.bench.test", "--listed",
+                                 "127.0.0.9", "--host", "client.bench.test=127.0.0.1", "--host",
+                                 "v6.bench.test=::1"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = int(wait_for(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text()),
+                            what="the DNS server").group(1))
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers, r.port, r.lifetime = ["127.0.0.1"], port, 5
+        assert [a.address for a in r.resolve("client.bench.test", "A")] == ["127.0.0.1"]
+        assert [a.address for a in r.resolve("v6.bench.test", "AAAA")] == ["::1"]
+        assert [a.address for a in r.resolve("9.0.0.127.bl.bench.test", "A")] == ["127.0.0.2"]
+        with pytest.raises(dns.resolver.NoAnswer):
+            r.resolve("client.bench.test", "MX")
+        with pytest.raises(dns.resolver.NoNameservers):      # REFUSED: not a zone it holds
+            r.resolve("elsewhere.bench.test", "A")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    bad = subprocess.run([sys.executable, "-m", "vipd.labdns", "--host", "nameonly"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "--host: 'nameonly': give NAME=IP" in bad.stderr

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import operator_state
 from .balance import ADMIN_STATES, MAX_WEIGHT
 from .log import LogBuffer, fmt
 from .status import pool_document, server_document, status_document
@@ -134,11 +135,13 @@ class DaemonFleet:
     async def set_pool(self, pool: str, held: bool, who: str) -> dict[str, Any]:
         runtime = apply_pool(self.daemon.pools, pool, held)
         log_change(self.log, who, pool, held=held)
+        operator_state.keep(self.daemon.config.state_file, self.daemon.pools, self.log)
         return pool_document(runtime)
 
     async def set_server(self, pool: str, server: str, changes: dict[str, Any], who: str) -> dict[str, Any]:
         runtime = apply_server(self.daemon.pools, pool, server, changes, who)
         log_change(self.log, who, pool, server, **changes)
+        operator_state.keep(self.daemon.config.state_file, self.daemon.pools, self.log)
         return server_document(runtime, server)
 
     def metrics(self) -> bytes:

@@ -292,6 +292,7 @@ class Config:
     pools: Mapping[str, PoolConfig]
     admin: AdminConfig | None
     queue: QueueConfig = QueueConfig()
+    state_file: Path | None = None          # where operator changes are kept across restarts
 
     @classmethod
     def from_toml_text(cls, text: str, path: str | os.PathLike[str] = "vipd.toml") -> Config:
@@ -658,6 +659,7 @@ class _AdminTable(_Schema):
 class _Document(_Schema):
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     spool_dir: PathText | None = None
+    state_file: PathText | None = None
     nameservers: Annotated[tuple[Nameserver, ...], Array(min_length=1)] | None = None
     log_level: LogLevel = "info"
     grace_seconds: Annotated[float, Field(ge=0)] = 30.0
@@ -713,6 +715,8 @@ class _Analysis:
         self._check_listeners()
         self._check_admin()
         self._check_queue()
+        if document is not None and document.state_file is not None:
+            self._check_state_file(self._relative(document.state_file).absolute())
         for name, raw in self.vip_tables.items():
             self._check_tls(("vip", name), raw)
         if self.problems or document is None:
@@ -847,7 +851,14 @@ class _Analysis:
             admin=None if document.admin is None else AdminConfig(document.admin.listen,
                                                                    self._admin_token(document.admin)),
             queue=QueueConfig() if document.queue is None else QueueConfig(**dict(document.queue)),
+            state_file=None if document.state_file is None else self._relative(document.state_file).absolute(),
         )
+
+    def _check_state_file(self, path: Path) -> None:
+        if path.is_dir():
+            self._add(("state_file",), f"{path} is a folder; name a file in it, e.g. {path / 'state.json'}")
+        elif not path.parent.is_dir():
+            self._add(("state_file",), f"the folder {path.parent} does not exist")
 
     def _check_tls(self, loc: Loc, raw: dict[str, Any]) -> None:
         """The certificate and key load together (so a typo shows now, not at a client's STARTTLS)."""

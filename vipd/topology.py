@@ -225,7 +225,8 @@ def render(topo: Topology) -> str:
     return vipd_config(topo, {layer.name: layer.vip for layer in topo.layers},
                        {layer.name: list(layer.servers) for layer in topo.layers},
                        nameserver=topo.nameserver, admin=topo.admin, access=topo.access.name,
-                       top=head + '# spool_dir = "/var/spool/vipd"   # the durable failover queue\n')
+                       top=head + '# spool_dir = "/var/spool/vipd"   # the durable failover queue\n'
+                       '# state_file = "/var/lib/vipd/state.json"   # operator holds and drains survive restarts\n')
 
 
 def backend_command(topo: Topology, layer_name: str, index: int, listen: str, vips: dict[str, str],

@@ -458,3 +458,14 @@ def test_admin_token_file(tmp_path: Path) -> None:
     assert errors == [f"{path}: admin.token_file: the token must be 16 to 256 printable characters"]
     errors = errors_of(tmp_path, MINIMAL + '[admin]\nlisten = "127.0.0.1:9025"\ntoken_file = "missing"\n')
     assert errors == [f"{path}: admin.token_file: cannot read {tmp_path / 'missing'}: No such file or directory"]
+
+
+def test_state_file_resolves_against_the_config_and_its_folder_must_exist(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, 'state_file = "state.json"\n' + MINIMAL))
+    assert cfg.state_file == tmp_path / "state.json"
+    assert config.load(write(tmp_path, MINIMAL)).state_file is None
+    path = tmp_path / "vipd.toml"
+    assert errors_of(tmp_path, 'state_file = "nowhere/state.json"\n' + MINIMAL) == [
+        f"{path}: state_file: the folder {tmp_path / 'nowhere'} does not exist"]
+    assert errors_of(tmp_path, f'state_file = "{tmp_path}"\n' + MINIMAL) == [
+        f"{path}: state_file: {tmp_path} is a folder; name a file in it, e.g. {tmp_path / 'state.json'}"]

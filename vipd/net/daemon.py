@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import config as config_mod
+from .. import operator_state
 from ..config import Config, VipConfig
 from ..log import LogBuffer, fmt
 from ..metrics import Metrics
@@ -82,6 +83,8 @@ class Daemon:
         self._apply(config)
         if worker is None:
             self.metrics.watch_pools(lambda: list(self.pools.values()))
+            # A worker of several takes these from its supervisor, which restores them.
+            operator_state.restore_from(config.state_file, self.pools, self.log)
 
     # --- configuration -----------------------------------------------------------------------
     def _apply(self, config: Config) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..config import Config
 from ..log import LogBuffer, fmt
+from .. import operator_state
 from . import control
 from .pools import PoolRuntime
 
@@ -106,6 +107,7 @@ class Supervisor:
         self.flush_pool: str | None = None
         self._publish_soon: asyncio.Handle | None = None
         self._apply_pools(config)
+        operator_state.restore_from(config.state_file, self.pools, self.log)
         self.queue = self._queue_ops()
         self.publish()
 
@@ -154,7 +156,11 @@ class Supervisor:
     def _changed(self) -> None:
         # Several inputs often change in one go (a check flips health and starts a ramp): one write.
         if self._publish_soon is None:
-            self._publish_soon = asyncio.get_running_loop().call_soon(self.publish)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return          # the saved operator state, restored before the loop runs: __init__ publishes
+            self._publish_soon = loop.call_soon(self.publish)
 
     def publish(self) -> int:
         """Write the current states for the workers and wake those that are listening."""
@@ -252,6 +258,7 @@ class SupervisorFleet:
         from ..status import pool_document
         runtime = apply_pool(self.sup.pools, pool, held)
         log_change(self.log, who, pool, held=held)
+        operator_state.keep(self.sup.config.state_file, self.sup.pools, self.log)
         await self._published()
         _, servers = self.sup.counts()
         return pool_document(runtime, lambda p, s: servers.get((p, s), (0, 0, 0)))
@@ -261,6 +268,7 @@ class SupervisorFleet:
         from ..status import server_document
         runtime = apply_server(self.sup.pools, pool, server, changes, who)
         log_change(self.log, who, pool, server, **changes)
+        operator_state.keep(self.sup.config.state_file, self.sup.pools, self.log)
         await self._published()
         _, servers = self.sup.counts()
         return server_document(runtime, server, lambda p, s: servers.get((p, s), (0, 0, 0)))

@@ -18,9 +18,11 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,10 @@ class QueueRunner:
         self.log = log
         self.metrics = metrics
         self.due: dict[str, float] = {}           # id -> epoch seconds of its next attempt
+        # Reminders to look at a message at a time (its due time, or its notice time while its pool is
+        # down), so that a wake-up costs what is due, not what is queued; stale ones are skipped.
+        self._reminders: list[tuple[float, str]] = []
+        self._blocked: dict[str, deque[str]] = {}   # pool -> due messages waiting for its concurrency
         self.pool_of: dict[str, str] = {}
         self.active: set[str] = set()
         self._wake = asyncio.Event()
@@ -96,7 +102,7 @@ class QueueRunner:
         return replies.OK.with_text(f"Ok: queued as {qid}")
 
     def _schedule(self, qid: str, pool: str, when: float, arrival: float | None = None) -> None:
-        self.due[qid] = when
+        self._set_due(qid, when)
         self.pool_of[qid] = pool
         self._arrival.setdefault(qid, time.time() if arrival is None else arrival)
         self._wake.set()
@@ -117,7 +123,7 @@ class QueueRunner:
         now, count = time.time(), 0
         for qid, name in self.pool_of.items():
             if (pool is None or name == pool) and self.due.get(qid, FAR) != FAR:
-                self.due[qid] = now
+                self._set_due(qid, now)
                 count += 1
         self._wake.set()
         return count
@@ -137,30 +143,53 @@ class QueueRunner:
         while True:
             if time.monotonic() - self._last_scan > RESCAN_SECONDS:
                 await self._rescan()
+            self._wake.clear()
             now = time.time()
             pools = self._pools()
-            for qid, due in list(self.due.items()):
-                if due > now or qid in self.active:
-                    continue
-                pool = pools.get(self.pool_of.get(qid, ""))
-                if pool is not None and not _usable(pool) and self._notice_at(qid) > now:
-                    continue                            # flushed when the pool comes back
-                sem = self._semaphores.setdefault(self.pool_of.get(qid, ""),
-                                                  asyncio.Semaphore(self.settings.concurrency))
-                if sem.locked():
-                    continue
-                self.active.add(qid)
-                task = asyncio.ensure_future(self._attempt(qid, sem))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-            self._wake.clear()
-            waiting = [q for q in self.due if q not in self.active]
-            later = [t for q in waiting for t in (self.due[q], self._notice_at(q)) if now < t < FAR]
-            timeout = min([RESCAN_SECONDS, *(d - now for d in later)])
+            # First what waits for a pool's concurrency (in arrival order), then what came due.
+            for name, waiting in self._blocked.items():
+                sem = self._semaphore(name)
+                while waiting and not sem.locked():
+                    self._consider(waiting.popleft(), now, pools)
+            while self._reminders and self._reminders[0][0] <= now:
+                self._consider(heapq.heappop(self._reminders)[1], now, pools)
+            timeout = RESCAN_SECONDS if not self._reminders else min(RESCAN_SECONDS, self._reminders[0][0] - now)
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.01, timeout))
             except TimeoutError:
                 pass
+
+    def _set_due(self, qid: str, when: float) -> None:
+        # An unchanged time needs no new reminder: the one pushed with it is still to come, or was
+        # consumed by a look that scheduled what follows (an attempt, a notice time, a flush).
+        if self.due.get(qid) != when and when < FAR:
+            heapq.heappush(self._reminders, (when, qid))
+        self.due[qid] = when
+
+    def _semaphore(self, pool: str) -> asyncio.Semaphore:
+        return self._semaphores.setdefault(pool, asyncio.Semaphore(self.settings.concurrency))
+
+    def _consider(self, qid: str, now: float, pools: dict[str, PoolRuntime]) -> None:
+        """Start an attempt for ``qid`` if it is due, its pool can take it and has room."""
+        due = self.due.get(qid)
+        if due is None or due > now or qid in self.active:
+            return              # gone; rescheduled (its reminder is to come); or running (its end reschedules)
+        name = self.pool_of.get(qid, "")
+        pool = pools.get(name)
+        if pool is not None and not _usable(pool):
+            notice = self._notice_at(qid)
+            if notice > now:
+                if notice < FAR:
+                    heapq.heappush(self._reminders, (notice, qid))
+                return          # flushed when the pool comes back; or its notice is due first
+        sem = self._semaphore(name)
+        if sem.locked():
+            self._blocked.setdefault(name, deque()).append(qid)
+            return
+        self.active.add(qid)
+        task = asyncio.ensure_future(self._attempt(qid, sem))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def _notice_at(self, qid: str) -> float:
         """When this message is due a delay notice or its return, pool or no pool: those must not
@@ -182,7 +211,7 @@ class QueueRunner:
         self._arrival[qid] = env.arrival
         if state.warned or env.kind != "message" or not env.sender:
             self._warned.add(qid)
-        self.due[qid] = FAR if state.held else state.next_attempt
+        self._set_due(qid, FAR if state.held else state.next_attempt)
         self.pool_of[qid] = env.pool
 
     async def _rescan(self) -> None:
@@ -213,25 +242,29 @@ class QueueRunner:
                 if not os.path.exists(self.store.queue / f"{qid}.msg"):
                     self._forget(qid)
                 else:
-                    self.due[qid] = time.time() + self.settings.retry_min_seconds
+                    self._set_due(qid, time.time() + self.settings.retry_min_seconds)
                 self.active.discard(qid)
                 return
             try:
                 await self._attempt_locked(qid)
             except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the runner
                 self.log.error(f"{qid}: queue attempt failed " + fmt(reason=f"{type(exc).__name__}: {exc}"))
-                self.due[qid] = time.time() + self.settings.retry_max_seconds
+                self._set_due(qid, time.time() + self.settings.retry_max_seconds)
             finally:
-                os.close(fd)
-                self.active.discard(qid)
-                self._wake.set()
+                # Closing the last descriptor of a removed file frees it, which takes the file system
+                # a while: not on the event loop. Shielded, so that a cancelled attempt still closes it.
+                try:
+                    await asyncio.shield(asyncio.to_thread(os.close, fd))
+                finally:
+                    self.active.discard(qid)
+                    self._wake.set()
 
     async def _attempt_locked(self, qid: str) -> None:
         env = await asyncio.to_thread(self.store.envelope, qid)
         state = await asyncio.to_thread(self.store.state, qid, env)
         now = time.time()
         if state.held:
-            self.due[qid] = FAR
+            self._set_due(qid, FAR)
             return
         age = now - env.arrival
         if age >= self.settings.return_seconds:
@@ -249,7 +282,7 @@ class QueueRunner:
         if pool is None:                      # its pool was removed by a reload: route it again
             pool = self._route(env.vip, address(state.remaining[0]).domain)
         if not _usable(pool):
-            self.due[qid] = FAR if pool.balancer.held else now + self.settings.retry_min_seconds
+            self._set_due(qid, FAR if pool.balancer.held else now + self.settings.retry_min_seconds)
             return
         done, failed, retry, error = await self._deliver(env, state.remaining, pool)
         state.attempts += 1
@@ -272,7 +305,7 @@ class QueueRunner:
                    self.settings.retry_min_seconds * 2 ** min(state.attempts - 1, 30))
         state.next_attempt = now + wait * random.uniform(0.9, 1.1)
         await asyncio.to_thread(self.store.save_state, qid, state)
-        self.due[qid] = state.next_attempt
+        self._set_due(qid, state.next_attempt)
         self._count("spool_deferrals", pool.name)
         self.log.info(f"{qid}: deferred " + fmt(pool=pool.name, to=",".join(retry), reason=error,
                                                 attempts=state.attempts, next_in=f"{wait:.0f}s"))

@@ -68,6 +68,7 @@ class QueueRunner:
         # down), so that a wake-up costs what is due, not what is queued; stale ones are skipped.
         self._reminders: list[tuple[float, str]] = []
         self._blocked: dict[str, deque[str]] = {}   # pool -> due messages waiting for its concurrency
+        self._in_blocked: set[str] = set()
         self.pool_of: dict[str, str] = {}
         self.active: set[str] = set()
         self._wake = asyncio.Event()
@@ -150,7 +151,9 @@ class QueueRunner:
             for name, waiting in self._blocked.items():
                 sem = self._semaphore(name)
                 while waiting and not sem.locked():
-                    self._consider(waiting.popleft(), now, pools)
+                    qid = waiting.popleft()
+                    self._in_blocked.discard(qid)
+                    self._consider(qid, now, pools)
             while self._reminders and self._reminders[0][0] <= now:
                 self._consider(heapq.heappop(self._reminders)[1], now, pools)
             timeout = RESCAN_SECONDS if not self._reminders else min(RESCAN_SECONDS, self._reminders[0][0] - now)
@@ -184,7 +187,9 @@ class QueueRunner:
                 return          # flushed when the pool comes back; or its notice is due first
         sem = self._semaphore(name)
         if sem.locked():
-            self._blocked.setdefault(name, deque()).append(qid)
+            if qid not in self._in_blocked:
+                self._in_blocked.add(qid)
+                self._blocked.setdefault(name, deque()).append(qid)
             return
         self.active.add(qid)
         task = asyncio.ensure_future(self._attempt(qid, sem))
@@ -226,6 +231,14 @@ class QueueRunner:
         for qid in list(self.due):
             if qid not in self.active:
                 await self._learn(qid)
+        # A safety net for a pool that became usable without telling us (a reload that added its
+        # servers): what is due for a usable pool gets looked at again.
+        now, pools = time.time(), self._pools()
+        for qid, due in self.due.items():
+            pool = pools.get(self.pool_of.get(qid, ""))
+            if due <= now and qid not in self.active and qid not in self._in_blocked and pool is not None \
+                    and _usable(pool):
+                heapq.heappush(self._reminders, (due, qid))
 
     def _forget(self, qid: str) -> None:
         self.due.pop(qid, None)

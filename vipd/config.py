@@ -209,7 +209,8 @@ class VipConfig:
     chunking: bool = False            # offer CHUNKING (BDAT, RFC 3030)
     max_errors_per_session: int = 20          # Postfix smtpd_hard_error_limit
     max_messages_per_session: int = 1000
-    min_data_rate_bytes_per_second: int = 100  # after DATA_RATE_GRACE_SECONDS of DATA; 0: no minimum
+    min_data_rate_bytes_per_second: int = 100  # after min_data_rate_grace_seconds of DATA; 0: no minimum
+    min_data_rate_grace_seconds: float = 30.0  # a slow start (TCP slow start, a busy client) is no slowloris
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,6 +640,7 @@ class _VipTable(_Schema):
     max_errors_per_session: Annotated[int, Field(ge=1, le=1000)] = 20
     max_messages_per_session: Annotated[int, Field(ge=1)] = 1000
     min_data_rate_bytes_per_second: Annotated[int, Field(ge=0)] = 100
+    min_data_rate_grace_seconds: Annotated[float, Field(ge=1)] = 30.0
 
 
 class _QueueTable(_Schema):

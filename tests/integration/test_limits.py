@@ -40,6 +40,33 @@ def test_stalled_data_gets_421_after_data_timeout_and_is_not_delivered(lab):
     assert a.messages() == []
 
 
+def test_a_slowloris_in_data_gets_421_after_the_grace_and_is_not_delivered(lab):
+    """A client that keeps the line busy (never idle long enough for data_timeout) but sends less
+    than the minimum rate is closed once the grace is over."""
+    a = lab.sink("a")
+    vipd = lab.vipd(pool_config(a, extra_vip="min_data_rate_bytes_per_second = 1000\n"
+                                             "min_data_rate_grace_seconds = 1.0\ndata_timeout_seconds = 60"))
+    with socket.create_connection(("127.0.0.1", vipd.port()), timeout=10) as sock:
+        sock.recv(1024)
+        sock.sendall(b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        wait_for(lambda: b"354" in sock.recv(4096), what="354")
+        started = time.monotonic()
+        sock.settimeout(0.2)
+        reply = b""
+        while b"421" not in reply and time.monotonic() - started < 10:
+            try:
+                sock.sendall(b"x")                   # a byte every 0.2 s: busy, but 5 bytes a second
+                reply += sock.recv(1024)
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+        assert reply.startswith(b"421 4.4.2") and b"Data rate too low" in reply, reply
+        assert 1.0 < time.monotonic() - started < 5
+    assert "data too slow" in wait_for(lambda: "data too slow" in vipd.log() and vipd.log())
+    assert a.messages() == []
+
+
 def test_message_over_the_size_limit_is_refused_at_the_end(lab):
     a = lab.sink("a")
     vipd = lab.vipd(pool_config(a, extra_vip="max_message_bytes = 100000"))

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["Session", "limits_for", "new_session_id"]
 
 MAX_BUFFERED = 256 * 1024
-DATA_RATE_GRACE_SECONDS = 30.0       # a slow start (TCP slow start, a busy client) is no slowloris
 PROXY_TIMEOUT_SECONDS = 10.0
 
 
@@ -714,7 +713,7 @@ class Session(asyncio.Protocol):
         txn = self.txn
         if in_data and rate and txn is not None and txn.data_started and self.body is not None:
             elapsed = now - txn.data_started
-            if elapsed > DATA_RATE_GRACE_SECONDS and self.body.size < rate * elapsed:
+            if elapsed > self.vip.min_data_rate_grace_seconds and self.body.size < rate * elapsed:
                 self.log.info(f"{txn.qid}: data too slow " + fmt(client=self._client(), bytes=self.body.size,
                                                                  seconds=f"{elapsed:.0f}"))
                 self.say_and_close(replies.DATA_TOO_SLOW, "cD")

@@ -33,15 +33,36 @@ from .log import LogBuffer, fmt
 from .status import pool_document, server_document, status_document
 
 if TYPE_CHECKING:
+    from .config import AdminConfig
     from .net.daemon import Daemon
     from .net.pools import PoolRuntime
     from .spool.runner import QueueRunner
 
 QUEUE_ACTIONS = frozenset({"hold", "release", "delete", "bounce"})
 
-__all__ = ["DaemonFleet", "Fleet", "FleetError", "apply_pool", "apply_server", "start_admin"]
+__all__ = ["AdminAccess", "DaemonFleet", "Fleet", "FleetError", "apply_pool", "apply_server", "start_admin"]
 
 MAX_BODY = 4096
+
+
+class AdminAccess:
+    """The admin listener's bearer token, which a reload may change.
+
+    The listener itself stays where it was bound until a restart, so a reload that moves it or
+    removes ``[admin]`` changes nothing here (a token must not fall off a listener that is still
+    open); it is logged instead."""
+
+    def __init__(self, admin: AdminConfig) -> None:
+        self.listen = admin.listen
+        self.token = admin.token
+
+    def reload(self, admin: AdminConfig | None, log: LogBuffer) -> None:
+        if admin is None or admin.listen != self.listen:
+            log.warning("admin listener kept " + fmt(address=str(self.listen), reason="a restart moves or removes "
+                                                     "it; its token stays as it was"))
+        elif admin.token != self.token:
+            self.token = admin.token
+            log.info("admin token " + fmt(action="changed" if admin.token else "removed"))
 
 
 class FleetError(Exception):
@@ -168,11 +189,12 @@ def _hostname(config) -> str:
     return next(iter(config.vips.values())).hostname
 
 
-def make_app(fleet: Fleet, token: str | None) -> web.Application:
+def make_app(fleet: Fleet, access: AdminAccess) -> web.Application:
     page = (resources.files("vipd") / "status_page.html").read_bytes()
 
     @web.middleware
     async def guard(request: web.Request, handler):
+        token = access.token
         if token is not None and request.path != "/":
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -270,9 +292,9 @@ def _who(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-async def serve(fleet: Fleet, host: str, port: int, token: str | None) -> tuple[web.AppRunner, list]:
+async def serve(fleet: Fleet, host: str, port: int, access: AdminAccess) -> tuple[web.AppRunner, list]:
     """Start the admin listener; the runner (to clean up) and the bound (host, port) pairs."""
-    runner = web.AppRunner(make_app(fleet, token), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(fleet, access), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -282,7 +304,7 @@ async def serve(fleet: Fleet, host: str, port: int, token: str | None) -> tuple[
     return runner, bound
 
 
-async def start_admin(daemon: Daemon, host: str, port: int, token: str | None = None) -> web.AppRunner:
-    runner, bound = await serve(DaemonFleet(daemon), host, port, token)
+async def start_admin(daemon: Daemon, host: str, port: int, access: AdminAccess) -> web.AppRunner:
+    runner, bound = await serve(DaemonFleet(daemon), host, port, access)
     daemon.bound.setdefault("admin", []).extend(bound)
     return runner

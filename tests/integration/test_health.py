@@ -248,6 +248,28 @@ def test_token_is_required_when_configured(lab: Lab) -> None:
     assert "admin refused path=/api/pools/incoming/servers/a" in vipd.log()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_changes_the_token_but_never_drops_it_from_an_open_listener(lab: Lab, workers: int) -> None:
+    import signal
+    old, new = "the-old-admin-token", "the-new-admin-token"
+    sink = lab.sink("a")
+    text = f"workers = {workers}\n" + config([sink], admin_extra=f'token = "{old}"')
+    vipd = lab.vipd(text)
+    vipd.config.write_text(text.replace(old, new))
+    vipd.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "admin token action=changed" in vipd.log(), what="the new token")
+    assert Admin(vipd.admin_port, new).status()["pools"]  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="401"):
+        Admin(vipd.admin_port, old).status()  # type: ignore[arg-type]
+    # Without [admin] the listener stays open until a restart, and so does its token.
+    vipd.config.write_text(text.split("[admin]")[0])
+    vipd.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "admin listener kept" in vipd.log(), what="the kept listener")
+    with pytest.raises(Exception, match="401"):
+        Admin(vipd.admin_port).status()  # type: ignore[arg-type]
+    assert Admin(vipd.admin_port, new).status()["pools"]  # type: ignore[arg-type]
+
+
 def test_a_server_that_never_answers_does_not_slow_the_others(lab: Lab) -> None:
     good = lab.sink("good")
     silent = socket.socket()

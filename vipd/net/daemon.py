@@ -19,6 +19,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from .. import config as config_mod
@@ -39,6 +40,9 @@ from ..spool.store import Spool
 from .screen import Prepared, Screen, prepare
 from .tls import server_context
 from .session import Session, limits_for
+
+if TYPE_CHECKING:
+    from ..admin import AdminAccess
 
 __all__ = ["Daemon"]
 
@@ -72,6 +76,7 @@ class Daemon:
         self._reply_counters: dict[str, Callable[[int], None]] = {}
         self._date = (0, "")
         self._admin = None
+        self._admin_access: AdminAccess | None = None
         self._limiters: dict[str, ClientLimiter] = {}
         self._prepared: dict[str, Prepared] = {}
         self.dns: DnsFacts | None = None
@@ -186,6 +191,8 @@ class Daemon:
             return False
         self._apply(new)
         await self._sync_listeners()
+        if self._admin_access is not None:
+            self._admin_access.reload(new.admin, self.log)
         if self.worker is not None:
             self.apply_control()
         self.metrics.config_reloads.labels("ok").inc()
@@ -345,9 +352,10 @@ class Daemon:
         self.apply_control(ack=False)
         await self._sync_listeners()
         if self.config.admin is not None and self.worker is None:
-            from ..admin import start_admin
+            from ..admin import AdminAccess, start_admin
+            self._admin_access = AdminAccess(self.config.admin)
             self._admin = await start_admin(self, self.config.admin.listen.host,
-                                            self.config.admin.listen.port, self.config.admin.token)
+                                            self.config.admin.listen.port, self._admin_access)
         self._sweeper = asyncio.ensure_future(self._sweep())
         self._start_queue()
         if self.worker is None:

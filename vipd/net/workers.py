@@ -326,6 +326,8 @@ def run_supervisor(config: Config) -> int:
                     log.error(f"reload failed, keeping the running config: {err}")
                 return
             sup._apply_pools(sup.config)
+            if access is not None:
+                access.reload(sup.config.admin, log)
             monitor.sync(sup.pools)
             sup.publish()
             sup.signal_all(signal.SIGHUP)
@@ -334,11 +336,12 @@ def run_supervisor(config: Config) -> int:
         loop.add_signal_handler(signal.SIGTERM, on_stop)
         loop.add_signal_handler(signal.SIGINT, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        admin = None
+        admin = access = None
         if config.admin is not None:
-            from ..admin import serve
+            from ..admin import AdminAccess, serve
+            access = AdminAccess(config.admin)
             admin, _ = await serve(SupervisorFleet(sup), config.admin.listen.host, config.admin.listen.port,
-                                   config.admin.token)
+                                   access)
         log.flush()
         while not stop.is_set():
             sup.reap()

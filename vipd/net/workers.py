@@ -311,6 +311,7 @@ def run_supervisor(config: Config) -> int:
         stop = asyncio.Event()
         monitor = Monitor(next(iter(config.vips.values())).hostname)
         monitor.sync(sup.pools)
+        admin = access = None
 
         def on_stop() -> None:
             sup.stopping = True
@@ -336,7 +337,6 @@ def run_supervisor(config: Config) -> int:
         loop.add_signal_handler(signal.SIGTERM, on_stop)
         loop.add_signal_handler(signal.SIGINT, on_stop)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        admin = access = None
         if config.admin is not None:
             from ..admin import AdminAccess, serve
             access = AdminAccess(config.admin)

@@ -16,14 +16,16 @@ from pathlib import Path
 __all__ = ["die_with_parent", "in_pid_namespace", "start_until_ready", "stop_child", "tail_logs"]
 
 _PR_SET_PDEATHSIG = 1
+# Looked up here, in the parent: loading a library between fork and exec is not safe with threads.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent() -> None:
     """A ``preexec_fn``: the child gets SIGTERM when the thread that started it ends (Linux), so that
     a lab killed with SIGKILL, which cannot clean up, leaves no orphan behind. Best effort: a child
     that changes its user (spamd dropping to nobody) loses the setting, as the kernel clears it."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def in_pid_namespace(argv: list[str]) -> list[str]:

@@ -134,6 +134,7 @@ listen = ["127.0.0.1:0"]
 hostname = "vipd.bench.test"
 default_pool = "sinks"
 {policy}max_sessions_per_client = 0          # one client address opens every session here
+max_messages_per_session = 1000000   # smtp-source sends them all on one connection, as the peers allow
 {cap}{vip_queue}
 [pool.sinks]
 balance = "roundrobin"

@@ -166,6 +166,8 @@ class DnsFacts:
         self._clock = clock
         self._resolver = self._make_resolver()
         self._cache: dict[tuple[str, str], tuple[float, _Result]] = {}
+        # Name as asked -> its canonical text: parsing a name costs more than a cache hit.
+        self._names: dict[str, str | None] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[_Result]] = {}
         self.queries = 0
         self.cache_hits = 0
@@ -217,8 +219,13 @@ class DnsFacts:
         name = name.strip().lower().rstrip(".")
         if name.startswith("[") and name.endswith("]"):
             return DomainFacts(name, "exists")        # an address literal: nothing to look up
-        results = await asyncio.gather(*(self._lookup(name, rdtype, DOMAIN_LABEL)
-                                         for rdtype in ("MX", "A", "AAAA")))
+        cached = [self._cached(name, rdtype, count=False) for rdtype in ("MX", "A", "AAAA")]
+        if None in cached:
+            results = await asyncio.gather(*(self._lookup(name, rdtype, DOMAIN_LABEL)
+                                             for rdtype in ("MX", "A", "AAAA")))
+        else:
+            self.cache_hits += len(cached)
+            results = cached        # type: ignore[assignment]  # the common case: no task, no gather
         mx, a, aaaa = results
         addresses = a.records + aaaa.records      # records are empty unless the kind is "ok"
         status = _domain_status(results, bool(addresses or mx.records))
@@ -229,19 +236,39 @@ class DnsFacts:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    async def _lookup(self, name: str, rdtype: str, label: str, lifetime: float | None = None) -> _Result:
-        try:
-            qname = dns.name.from_text(name)
-        except dns.exception.DNSException:
-            return _Result("nxdomain")    # a label over 63 octets, a name over 255: cannot exist
-        key = (qname.to_text().lower(), rdtype)
-        cached = self._cache_get(key)
-        if cached is not None:
+    def _canonical(self, name: str) -> str | None:
+        """The name's canonical text (absolute, lower case), or None when it cannot exist."""
+        text = self._names.get(name, "")
+        if text == "":
+            try:
+                text = dns.name.from_text(name).to_text().lower()
+            except dns.exception.DNSException:
+                text = None       # a label over 63 octets, a name over 255
+            if len(self._names) >= self.max_entries:
+                self._names.clear()
+            self._names[name] = text
+        return text
+
+    def _cached(self, name: str, rdtype: str, count: bool = True) -> _Result | None:
+        """A lookup answered from the cache alone (``count``: as a hit), or None."""
+        text = self._canonical(name)
+        if text is None:
+            return _Result("nxdomain")
+        cached = self._cache_get((text, rdtype))
+        if cached is not None and count:
             self.cache_hits += 1
+        return cached
+
+    async def _lookup(self, name: str, rdtype: str, label: str, lifetime: float | None = None) -> _Result:
+        cached = self._cached(name, rdtype)
+        if cached is not None:
             return cached
+        text = self._canonical(name)
+        assert text is not None             # _cached answered nxdomain for names that cannot exist
+        key = (text, rdtype)
         shared = self._inflight.get(key)
         if shared is None:
-            shared = asyncio.ensure_future(self._query(qname, key, label, lifetime))
+            shared = asyncio.ensure_future(self._query(dns.name.from_text(text), key, label, lifetime))
             self._inflight[key] = shared
             shared.add_done_callback(functools.partial(self._settled, key))
         # shield: a client that goes away must not cancel the query other sessions wait on.

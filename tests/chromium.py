@@ -13,8 +13,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -166,6 +168,15 @@ class Browser:
             os.killpg(popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass  # no helper outlived the browser
+        # Chromium keeps its singleton socket in a folder of the system's temp dir (a path under
+        # tmp_path would pass the 107 bytes a socket path may have) and a killed browser leaves it.
+        link = self.dir / "profile" / "SingletonSocket"
+        try:
+            folder = Path(os.readlink(link)).parent
+        except OSError:
+            return
+        if folder.name.startswith("org.chromium.Chromium.") and folder.parent == Path(tempfile.gettempdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
     # -- protocol (on the private loop) -----------------------------------------------------------
 

@@ -61,6 +61,15 @@ def test_workers_stop_when_the_supervisor_is_killed(lab):
             return True
 
     wait_for(lambda: all(gone(p) for p in pids), timeout=15, what="orphaned workers to stop")
+    # A killed supervisor cannot remove its run folder; the next one to start removes it.
+    import tempfile
+    from pathlib import Path
+    from vipd.net.workers import sweep_stale_run_dirs
+    vipd.proc.popen.wait(10)
+    left = list(Path(tempfile.gettempdir()).glob(f"vipd-run-{vipd.proc.popen.pid}-*"))
+    assert len(left) == 1 and (left[0] / "metrics").is_dir()
+    assert left[0] in sweep_stale_run_dirs(Path(tempfile.gettempdir()))
+    assert not left[0].exists()
 
 
 def test_states_and_operator_changes_reach_every_worker(lab):

@@ -294,9 +294,32 @@ class SupervisorFleet:
         return generate_latest(registry) + generate_latest(self.sup.health.registry)
 
 
+RUN_DIR_PREFIX = "vipd-run-"
+
+
+def sweep_stale_run_dirs(folder: Path) -> list[Path]:
+    """Remove the run folders of supervisors that are gone (one killed with SIGKILL cannot remove
+    its own): each is named after its supervisor's PID. A PID in use keeps its folder, even if the
+    PID was reused: leaving a folder is the safe mistake. What was removed."""
+    removed = []
+    for path in folder.glob(f"{RUN_DIR_PREFIX}*-*"):
+        pid = path.name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:
+            pass                # alive, someone else's
+    return removed
+
+
 def run_supervisor(config: Config) -> int:
     """Run ``config.workers`` workers until SIGTERM/SIGINT; returns the exit code."""
-    run_dir = Path(tempfile.mkdtemp(prefix="vipd-run-"))
+    sweep_stale_run_dirs(Path(tempfile.gettempdir()))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
     mpdir = run_dir / "metrics"
     mpdir.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mpdir)

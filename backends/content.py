@@ -36,7 +36,7 @@ from .delivery import DeliveryApp, _hop
 from .relay import RelayApp
 from .scanner import scan_message
 from .spam import Scorer, SpamResult, load_hook, score_with, spamd_scorer, status_line, tag
-from .smtpd import App, Envelope, parse_listen, run_forever
+from .smtpd import App, Envelope, parse_service, run_forever
 
 __all__ = ["ContentApp", "main"]
 
@@ -51,12 +51,13 @@ def spam_refused(result: SpamResult) -> Reply:
 
 
 class ContentApp(RelayApp):
-    def __init__(self, next_hop: str | None, *, hostname: str, clamd: str | None = None,
+    def __init__(self, next_hop: str | None, *, hostname: str, clamd: dict | None = None,
                  quarantine: Path | None = None, router: App | None = None, builtin: bool = True,
                  spam: Scorer | None = None, spam_action: str = "tag", spam_unavailable: str = "accept",
                  spam_max_size: int = SPAM_MAX_SIZE, **kw) -> None:
         """``router``: deliver by mailertable after scanning (a combined content + delivery layer)
-        instead of relaying everything to ``next_hop``. ``spam``: score clean mail with this."""
+        instead of relaying everything to ``next_hop``. ``clamd``: where clamd is (``parse_service``);
+        ``spam``: score clean mail with this."""
         super().__init__(next_hop or "127.0.0.1:0", hostname=hostname, **kw)
         if spam_action not in ("tag", "reject") or spam_unavailable not in ("accept", "defer"):
             raise ValueError(f"spam_action {spam_action!r}, spam_unavailable {spam_unavailable!r}")
@@ -102,9 +103,8 @@ class ContentApp(RelayApp):
                 return None, verdict.error
         if self.clamd is None:
             return None, None
-        where = _clamd_address(self.clamd)
         try:
-            result = await clamd_scan(body, **where)
+            result = await clamd_scan(body, **self.clamd)
         except ClamdError as exc:
             return None, f"clamd: {exc}"
         return (result.name, None) if result.infected else (None, None)
@@ -137,14 +137,6 @@ class ContentApp(RelayApp):
         if not self.quiet:
             print(f"{what} from=<{env.sender}> to={','.join(env.recipients)} client={env.client_ip} "
                   f"detail=\"{detail}\"", flush=True)
-
-
-def _clamd_address(text: str) -> dict:
-    """``unix:/path`` or ``HOST:PORT``."""
-    if text.startswith("unix:"):
-        return {"unix_path": text[5:]}
-    host, port = parse_listen(text)
-    return {"host": host, "port": port}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--no-builtin needs --clamd: a content-security layer that scans nothing is no layer")
     if args.spamd is not None and args.spam_hook is not None:
         parser.error("give --spamd or --spam-hook, not both")
-    spam = None
+    spam = clamd = None
     try:
+        if args.clamd is not None:
+            clamd = parse_service(args.clamd, "--clamd")
         if args.spamd is not None:
             spam = spamd_scorer(args.spamd, timeout=args.timeout)
         elif args.spam_hook is not None:
@@ -197,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                                  timeout=args.timeout, quiet=args.quiet)
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
-    app = ContentApp(args.next, hostname=args.hostname, clamd=args.clamd, quarantine=args.quarantine,
+    app = ContentApp(args.next, hostname=args.hostname, clamd=clamd, quarantine=args.quarantine,
                      router=router, builtin=args.builtin, spam=spam, spam_action=args.spam_action,
                      spam_unavailable=args.spam_unavailable, spam_max_size=args.spam_max_size, xclient_from=nets,
                      timeout=args.timeout, quiet=args.quiet)

@@ -179,6 +179,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def parse_service(text: str, what: str = "address") -> dict:
+    """A helper daemon's address (clamd, spamd), ``unix:/path`` or ``HOST:PORT``, as the keyword
+    arguments their clients take; ValueError, naming ``what``, for anything else."""
+    if text.startswith("unix:") and len(text) > 5:
+        return {"unix_path": text[5:]}
+    _, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{what} {text!r}: give unix:PATH or HOST:PORT")
+    host, port_number = parse_listen(text)
+    return {"host": host, "port": port_number}
+
+
 async def serve(app: App, listen: str) -> asyncio.base_events.Server:
     """Start listening; prints ``listening on HOST:PORT`` (tests read the port from it)."""
     host, port = parse_listen(listen)

@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Union
 
+from .smtpd import parse_service
 from .spamd import SpamResult, spamd_check
 
 __all__ = ["SPAM_HEADERS", "Scorer", "SpamResult", "load_hook", "score_with", "spamd_scorer", "status_line", "tag"]
@@ -25,13 +26,7 @@ SPAM_HEADERS = (b"x-spam-flag", b"x-spam-score", b"x-spam-status", b"x-spam-leve
 
 def spamd_scorer(address: str, *, timeout: float = 30.0, user: str | None = None) -> Scorer:
     """A scorer that asks the spamd at ``unix:/path`` or ``HOST:PORT``."""
-    if address.startswith("unix:"):
-        where: dict = {"unix_path": address[5:]}
-    else:
-        host, sep, port = address.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"spamd address {address!r}: give unix:PATH or HOST:PORT")
-        where = {"host": host.strip("[]"), "port": int(port)}
+    where = parse_service(address, "spamd address")
 
     async def score(message: bytes) -> SpamResult:
         return await spamd_check(message, timeout=timeout, user=user, **where)

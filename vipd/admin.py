@@ -19,6 +19,7 @@ routes act on is a ``Fleet``: the daemon itself, or the supervisor of several wo
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from importlib import resources
@@ -146,6 +147,7 @@ class DaemonFleet:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.log = daemon.log
+        self._saving = asyncio.Lock()
 
     def status(self) -> dict[str, Any]:
         d = self.daemon
@@ -156,13 +158,13 @@ class DaemonFleet:
     async def set_pool(self, pool: str, held: bool, who: str) -> dict[str, Any]:
         runtime = apply_pool(self.daemon.pools, pool, held)
         log_change(self.log, who, pool, held=held)
-        operator_state.keep(self.daemon.config.state_file, self.daemon.pools, self.log)
+        await operator_state.keep(self.daemon.config.state_file, self.daemon.pools, self.log, self._saving)
         return pool_document(runtime)
 
     async def set_server(self, pool: str, server: str, changes: dict[str, Any], who: str) -> dict[str, Any]:
         runtime = apply_server(self.daemon.pools, pool, server, changes, who)
         log_change(self.log, who, pool, server, **changes)
-        operator_state.keep(self.daemon.config.state_file, self.daemon.pools, self.log)
+        await operator_state.keep(self.daemon.config.state_file, self.daemon.pools, self.log, self._saving)
         return server_document(runtime, server)
 
     def metrics(self) -> bytes:

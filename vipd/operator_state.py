@@ -16,15 +16,16 @@ all ``ready`` at their configured weight is left out.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .balance import ADMIN_STATES, MAX_WEIGHT
+from .durable import write_durably
 
-__all__ = ["StateFileError", "keep", "load", "restore", "restore_from", "save", "snapshot"]
+__all__ = ["StateFileError", "keep", "load", "restore", "restore_from", "snapshot"]
 
 VERSION = 1
 
@@ -51,23 +52,8 @@ def snapshot(pools: Mapping[str, Any]) -> dict[str, Any]:
     return {"version": VERSION, "pools": out}
 
 
-def save(path: Path, pools: Mapping[str, Any]) -> None:
-    """Write the snapshot durably: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = (json.dumps(snapshot(pools), indent=1, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+def _encode(doc: Mapping[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -103,12 +89,15 @@ def restore_from(path: Path | None, pools: Mapping[str, Any], log: Any) -> None:
     log.flush()
 
 
-def keep(path: Path | None, pools: Mapping[str, Any], log: Any) -> None:
-    """After an operator change: save, or log why not (the change itself stays applied)."""
+async def keep(path: Path | None, pools: Mapping[str, Any], log: Any, lock: asyncio.Lock) -> None:
+    """After an operator change: save, or log why not (the change itself stays applied). The state is
+    taken on the event loop, the fsyncs run in a thread (a slow disk must not stall the sessions),
+    and one save at a time under the caller's ``lock``, so that the last change is the one on disk."""
     if path is None:
         return
     try:
-        save(path, pools)
+        async with lock:
+            await asyncio.to_thread(write_durably, Path(path), _encode(snapshot(pools)))
     except OSError as exc:
         log.error(f"state_file not saved: {path}: {exc}; the change holds until vipd restarts")
         log.flush()

@@ -60,7 +60,7 @@ def test_a_failed_write_leaves_nothing_and_raises(tmp_path: Path, monkeypatch: p
 
 def test_a_failed_directory_sync_takes_the_message_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
-    monkeypatch.setattr(store_mod, "_fsync_dir", lambda path: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(store_mod, "fsync_dir", lambda path: (_ for _ in ()).throw(OSError(5, "I/O error")))
     with pytest.raises(SpoolError):
         spool.put(envelope(), [b"x\r\n"])
     assert spool.ids() == []              # renamed but not durable: not acknowledged, not delivered

@@ -30,6 +30,7 @@ from typing import Any
 from ..config import Config
 from ..log import LogBuffer, fmt
 from .. import operator_state
+from ..durable import pid_alive
 from . import control
 from .pools import PoolRuntime
 
@@ -238,6 +239,7 @@ class SupervisorFleet:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.log = sup.log
+        self._saving = asyncio.Lock()
 
     def status(self) -> dict[str, Any]:
         from ..status import status_document
@@ -258,7 +260,7 @@ class SupervisorFleet:
         from ..status import pool_document
         runtime = apply_pool(self.sup.pools, pool, held)
         log_change(self.log, who, pool, held=held)
-        operator_state.keep(self.sup.config.state_file, self.sup.pools, self.log)
+        await operator_state.keep(self.sup.config.state_file, self.sup.pools, self.log, self._saving)
         await self._published()
         _, servers = self.sup.counts()
         return pool_document(runtime, lambda p, s: servers.get((p, s), (0, 0, 0)))
@@ -268,7 +270,7 @@ class SupervisorFleet:
         from ..status import server_document
         runtime = apply_server(self.sup.pools, pool, server, changes, who)
         log_change(self.log, who, pool, server, **changes)
-        operator_state.keep(self.sup.config.state_file, self.sup.pools, self.log)
+        await operator_state.keep(self.sup.config.state_file, self.sup.pools, self.log, self._saving)
         await self._published()
         _, servers = self.sup.counts()
         return server_document(runtime, server, lambda p, s: servers.get((p, s), (0, 0, 0)))
@@ -306,13 +308,9 @@ def sweep_stale_run_dirs(folder: Path) -> list[Path]:
         pid = path.name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except PermissionError:
-            pass                # alive, someone else's
     return removed
 
 

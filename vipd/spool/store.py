@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..durable import fsync_dir, pid_alive
+
 __all__ = ["Envelope", "Spool", "SpoolError", "State", "Stats", "new_id"]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")
@@ -133,7 +135,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, final)
-            _fsync_dir(self.queue)
+            fsync_dir(self.queue)
         except OSError as exc:
             _unlink(tmp)
             if final.exists() and not tmp.exists():
@@ -148,7 +150,7 @@ class Spool:
         """At start: drop unfinished writes of processes that are gone (never acknowledged); the ids
         of every complete message."""
         for folder in (self.root / "tmp").iterdir():
-            if folder.name.isdigit() and (int(folder.name) == os.getpid() or not _alive(int(folder.name))):
+            if folder.name.isdigit() and (int(folder.name) == os.getpid() or not pid_alive(int(folder.name))):
                 for leftover in folder.iterdir():
                     _unlink(leftover)
                 if folder != self.tmp:
@@ -253,24 +255,6 @@ class Spool:
 def new_id(prefix: str = "") -> str:
     """A queue id that sorts by time and is unique across processes."""
     return f"{prefix}{int(time.time() * 1000):x}{os.getpid() % 0xffff:04x}{os.urandom(3).hex()}".upper()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: Path) -> None:
